@@ -1,0 +1,848 @@
+"""The per-snapshotter metadata store: snapshot records in LMDB.
+
+This is containerd's ``core/snapshots/storage`` (``metastore.go`` + ``bolt.go``)
+on LMDB: a :class:`MetaStore` owns the environment and hands out transactions;
+free functions taking the transaction first read and write snapshot records.
+The transaction is always explicit, never hidden in global or thread state::
+
+    store = MetaStore(root / "metadata.lmdb")
+    with store.transaction(write=True) as txn:
+        snap = create_snapshot(txn, Kind.ACTIVE, "k", parent="base")
+        ...  # create the snapshot's directories while the txn is held
+    with store.transaction() as txn:
+        sid, info, usage = get_info(txn, "k")
+
+A write transaction commits when its ``with`` block ends normally and aborts
+when it raises; a read transaction always aborts.  A function that raises
+has written nothing: every check runs before the first write, in the order
+containerd checks (SPEC §3.4), so a caller may even commit after catching.
+
+Environment and concurrency
+---------------------------
+* One file: the LMDB data file is ``path`` itself (``subdir=False``, mode
+  0600) with LMDB's lock file ``<path>-lock`` beside it.  The parent
+  directory must exist.
+* Opened lazily by the first transaction (as containerd does), so building a
+  ``MetaStore`` never touches the disk and ``close()`` on a store that was
+  never used is a no-op.  ``close()`` is idempotent; a closed store refuses
+  new transactions with :class:`UnavailableError`.
+* Durable: LMDB's default sync mode, so a write transaction whose ``with``
+  block has returned is on disk and survives SIGKILL (and power loss).  A
+  process killed inside a write transaction loses only that transaction; the
+  writer lock is a robust mutex, so the next writer proceeds.
+* Several processes may use one file at once; LMDB's lock file arbitrates
+  (one writer at a time across all of them, readers never block and see the
+  last commit made before they began).  Within a process a file may be open
+  in only one ``MetaStore`` at a time (LMDB's locks are per process and file);
+  a second one fails with :class:`UnavailableError`.  Do not use a store
+  across ``fork()``; open a new one in the child.
+* Threads: a write transaction stays on the thread that began it (DESIGN
+  invariant 7; using it from another thread raises
+  :class:`FailedPreconditionError`).  Write transactions of one store are
+  serialized by a lock; beginning a second one on a thread that already holds
+  one raises instead of deadlocking.  Read transactions are independent of
+  threads (py-lmdb opens environments with ``MDB_NOTLS``), so a read
+  transaction may be opened while another is open on the same thread, e.g. a
+  ``stat`` inside a ``walk`` callback.
+
+Schema (version 1)
+------------------
+Three named sub-databases:
+
+``snapshots``
+    record key → record.  The record key is the snapshot key (or name) as
+    UTF-8 when it is at most 400 bytes long.  A longer key is stored under
+    ``key[:400] + b"\\xff" + sha256(key)`` with the full key inside the record
+    (``0xff`` never occurs in UTF-8, so the two forms cannot collide, and LMDB's
+    511-byte key limit is never reached).  Iteration, hence ``walk_info`` and
+    ``id_map``, follows the byte order of the keys, except that long keys
+    sharing their first 400 bytes come in hash order among themselves.
+``parents``
+    ``parent_id`` ‖ ``child_id`` (each 8-byte big-endian) → child key (UTF-8):
+    the back links, so "has children" is one prefix seek.
+``meta``
+    ``b"version"`` → schema version (4-byte big-endian); ``b"sequence"`` →
+    the last id handed out (8-byte big-endian).  Ids start at 1 and are
+    never reused; the sequence lives in the transaction, so an aborted create
+    consumes nothing.  Commit keeps the active snapshot's id.
+
+A record is a fixed header, ``struct`` format ``>BBBxQqqqqII``: record
+version (1), kind, flags (bit 0: the full key follows), id, created and
+updated (integer nanoseconds since the epoch), inodes and size (zero unless
+committed), length of the parent name, length of the full key (0 unless
+flag bit 0).  Then the parent name, the full key, and finally the labels as
+compact JSON with sorted keys, or nothing when there are no labels.  Labels
+with empty values are never stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import struct
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import ParamSpec, TypeVar
+
+import lmdb
+
+from overlay.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    OverlayError,
+    UnavailableError,
+    UnknownError,
+)
+from overlay.snapshots import Info, Kind, Usage, check_labels, now_ns
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "MetaStore",
+    "Snapshot",
+    "StoreStats",
+    "Txn",
+    "commit_active",
+    "create_snapshot",
+    "dump",
+    "get_info",
+    "get_snapshot",
+    "id_map",
+    "remove",
+    "stats",
+    "update_info",
+    "walk_info",
+]
+
+SCHEMA_VERSION = 1
+_RECORD_VERSION = 1
+_FLAG_FULL_KEY = 0x01
+
+#: Keys up to this many UTF-8 bytes are their own record key (see module docstring).
+_INLINE_KEY_MAX = 400
+_LONG_KEY_MARK = b"\xff"
+
+_DB_SNAPSHOTS = b"snapshots"
+_DB_PARENTS = b"parents"
+_DB_META = b"meta"
+_META_VERSION = b"version"
+_META_SEQUENCE = b"sequence"
+
+_HEADER = struct.Struct(">BBBxQqqqqII")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_LINK = struct.Struct(">QQ")
+
+_INT64_MAX = (1 << 63) - 1
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What a backend needs to lay out an active snapshot or a view.
+
+    ``parent_ids`` runs from the immediate parent to the root.
+    """
+
+    id: str
+    kind: Kind
+    parent_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """LMDB space accounting, for metrics.
+
+    ``used_bytes`` is the high-water mark of pages in the data file (LMDB reuses
+    freed pages instead of shrinking); ``map_size`` the most it may grow to.
+    """
+
+    map_size: int
+    used_bytes: int
+    page_size: int
+    readers: int
+    max_readers: int
+    snapshots: int
+
+
+@dataclass(slots=True)
+class _Record:
+    id: int
+    kind: Kind
+    key: str
+    parent: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    created_ns: int = 0
+    updated_ns: int = 0
+    inodes: int = 0
+    size: int = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+def _map_error(exc: lmdb.Error, where: str) -> OverlayError:
+    """An ``lmdb.Error`` as a domain error; the caller raises it ``from exc``."""
+    text = f"{where}: {exc}"
+    if isinstance(exc, lmdb.MapFullError):
+        return UnavailableError(f"{where}: the metadata map is full (raise map_size): {exc}")
+    if isinstance(
+        exc,
+        lmdb.ReadersFullError
+        | lmdb.TxnFullError
+        | lmdb.MapResizedError
+        | lmdb.LockError
+        | lmdb.DiskError
+        | lmdb.MemoryError
+        | lmdb.TlsFullError
+        | lmdb.DbsFullError,
+    ):
+        return UnavailableError(text)
+    if isinstance(
+        exc,
+        lmdb.CorruptedError
+        | lmdb.PageNotFoundError
+        | lmdb.PanicError
+        | lmdb.VersionMismatchError
+        | lmdb.InvalidError
+        | lmdb.IncompatibleError,
+    ):
+        return UnknownError(f"{where}: metadata store is corrupt or incompatible: {exc}")
+    if isinstance(exc, lmdb.BadValsizeError):
+        return InvalidArgumentError(text)
+    if isinstance(exc, lmdb.ReadonlyError):
+        return FailedPreconditionError(text)
+    return UnknownError(text)
+
+
+def _guard(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Let no ``lmdb.Error`` escape a public function: map it to a domain error."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return fn(*args, **kwargs)
+        except lmdb.Error as exc:
+            where = fn.__name__
+            if args and isinstance(args[0], Txn):
+                where = f"metastore {args[0].path!r}: {where}"
+            raise _map_error(exc, where) from exc
+
+    return wrapper
+
+
+# --------------------------------------------------------------------------------------------
+# Environment and transactions
+
+
+class Txn:
+    """One LMDB transaction of a :class:`MetaStore` and its sub-database handles.
+
+    Only valid inside the ``with store.transaction(...)`` block that made it;
+    pass it to this module's functions.  A write transaction may only be used
+    on the thread that began it.
+    """
+
+    __slots__ = ("_closed", "_meta", "_parents", "_path", "_snapshots", "_thread", "_txn", "_write")
+
+    def __init__(
+        self,
+        txn: lmdb.Transaction[bytes],
+        dbs: tuple[lmdb._Database, lmdb._Database, lmdb._Database],
+        *,
+        write: bool,
+        path: str,
+    ) -> None:
+        self._txn = txn
+        self._snapshots, self._parents, self._meta = dbs
+        self._write = write
+        self._path = path
+        self._thread = threading.get_ident()
+        self._closed = False
+
+    @property
+    def write(self) -> bool:
+        """Whether this is a write transaction."""
+        return self._write
+
+    @property
+    def path(self) -> str:
+        """The data file of the store this transaction belongs to."""
+        return self._path
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("write" if self._write else "read")
+        return f"<Txn {state} {self._path!r}>"
+
+    def _use(self, *, write: bool = False) -> lmdb.Transaction[bytes]:
+        if self._closed:
+            raise FailedPreconditionError("metastore transaction is already finished")
+        if self._write and threading.get_ident() != self._thread:
+            raise FailedPreconditionError(
+                "metastore write transaction used from another thread than the one that began it"
+            )
+        if write and not self._write:
+            raise FailedPreconditionError("metastore change needs a write transaction")
+        return self._txn
+
+
+class MetaStore:
+    """The LMDB environment of one snapshotter's metadata (see the module docstring).
+
+    ``path`` is the data file; LMDB keeps its lock file at ``<path>-lock``.
+    The environment is opened lazily, by the first transaction; several
+    processes may share the file (LMDB's own locking), one ``MetaStore`` per
+    file and process.  ``map_size`` is the most the file may grow to (address
+    space is reserved, disk is not).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, map_size: int = 8 << 30) -> None:
+        self._path = os.fspath(path)
+        self._map_size = map_size
+        self._env: lmdb.Environment | None = None
+        self._dbs: tuple[lmdb._Database, lmdb._Database, lmdb._Database] | None = None
+        self._pid = 0
+        self._closed = False
+        self._open_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._writer: int | None = None
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    def __repr__(self) -> str:
+        return f"MetaStore({self._path!r})"
+
+    def _environment(
+        self,
+    ) -> tuple[lmdb.Environment, tuple[lmdb._Database, lmdb._Database, lmdb._Database]]:
+        with self._open_lock:
+            if self._closed:
+                raise UnavailableError(f"metastore {self._path!r} is closed")
+            if self._env is not None and self._dbs is not None:
+                if self._pid != os.getpid():
+                    raise UnavailableError(
+                        f"metastore {self._path!r} was opened by another process (fork); "
+                        "open a new one"
+                    )
+                return self._env, self._dbs
+            try:
+                env = lmdb.open(
+                    self._path,
+                    map_size=self._map_size,
+                    subdir=False,
+                    mode=0o600,
+                    max_dbs=4,
+                    max_readers=1024,
+                )
+            except lmdb.Error as exc:
+                raise UnavailableError(f"cannot open metastore {self._path!r}: {exc}") from exc
+            try:
+                dbs = self._init_schema(env)
+            except BaseException:
+                env.close()
+                raise
+            self._env, self._dbs, self._pid = env, dbs, os.getpid()
+            return env, dbs
+
+    def _init_schema(
+        self, env: lmdb.Environment
+    ) -> tuple[lmdb._Database, lmdb._Database, lmdb._Database]:
+        # Open (creating if needed) the sub-databases and check the schema version in one
+        # write transaction; it writes nothing when the file is already initialized.
+        try:
+            with self._write_lock, env.begin(write=True) as wtxn:
+                dbs = (
+                    env.open_db(_DB_SNAPSHOTS, txn=wtxn),
+                    env.open_db(_DB_PARENTS, txn=wtxn),
+                    env.open_db(_DB_META, txn=wtxn),
+                )
+                raw = wtxn.get(_META_VERSION, db=dbs[2])
+                if raw is None:
+                    wtxn.put(_META_VERSION, _U32.pack(SCHEMA_VERSION), db=dbs[2])
+                elif len(raw) != _U32.size or _U32.unpack(raw)[0] != SCHEMA_VERSION:
+                    found = _U32.unpack(raw)[0] if len(raw) == _U32.size else raw
+                    raise FailedPreconditionError(
+                        f"metastore {self._path!r} has schema version {found!r}, "
+                        f"this build reads version {SCHEMA_VERSION}"
+                    )
+        except lmdb.Error as exc:
+            raise _map_error(exc, f"cannot open metastore {self._path!r}") from exc
+        return dbs
+
+    @contextlib.contextmanager
+    def transaction(self, write: bool = False) -> Iterator[Txn]:
+        """A transaction: committed when the block ends normally (write), else aborted."""
+        env, dbs = self._environment()
+        if not write:
+            try:
+                ltxn = env.begin()
+            except lmdb.Error as exc:
+                raise _map_error(exc, f"metastore {self._path!r}: begin") from exc
+            txn = Txn(ltxn, dbs, write=False, path=self._path)
+            try:
+                yield txn
+            finally:
+                txn._closed = True
+                with contextlib.suppress(lmdb.Error):
+                    ltxn.abort()
+            return
+
+        me = threading.get_ident()
+        if self._writer == me:
+            raise FailedPreconditionError(
+                f"metastore {self._path!r}: this thread already holds a write transaction"
+            )
+        with self._write_lock:
+            self._writer = me
+            try:
+                try:
+                    ltxn = env.begin(write=True)
+                except lmdb.Error as exc:
+                    raise _map_error(exc, f"metastore {self._path!r}: begin") from exc
+                txn = Txn(ltxn, dbs, write=True, path=self._path)
+                try:
+                    yield txn
+                except BaseException as exc:
+                    txn._closed = True
+                    try:
+                        ltxn.abort()
+                    except lmdb.Error as abort_exc:
+                        exc.add_note(f"rollback failed: {abort_exc}")
+                    raise
+                txn._closed = True
+                try:
+                    ltxn.commit()
+                except lmdb.Error as exc:
+                    raise _map_error(exc, f"metastore {self._path!r}: commit failed") from exc
+            finally:
+                self._writer = None
+
+    def close(self) -> None:
+        """Close the environment; a no-op when never opened or already closed.
+
+        Call it once no transaction of this store is in flight.
+        """
+        with self._open_lock:
+            self._closed = True
+            env, self._env, self._dbs = self._env, None, None
+            if env is not None and self._pid == os.getpid():
+                env.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding
+
+
+def _text(value: object, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise InvalidArgumentError(f"{what} must be a string, not {type(value).__name__}")
+    try:
+        return value.encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidArgumentError(f"{what} {value!r} is not valid unicode") from exc
+
+
+def _key(value: object, what: str = "snapshot key") -> bytes:
+    raw = _text(value, what)
+    if not raw:
+        raise InvalidArgumentError(f"{what} must not be empty")
+    return raw
+
+
+def _record_key(raw: bytes) -> bytes:
+    if len(raw) <= _INLINE_KEY_MAX:
+        return raw
+    return raw[:_INLINE_KEY_MAX] + _LONG_KEY_MARK + hashlib.sha256(raw).digest()
+
+
+def _clean_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
+    """Validated labels without the empty values (which mean "no label")."""
+    if not labels:
+        return {}
+    for k, v in labels.items():
+        # check_labels measures with str.encode(), which raises on lone surrogates.
+        _text(k, "label key")
+        _text(v, f"label {k!r} value" if isinstance(k, str) else "label value")
+    check_labels(labels)
+    return {k: v for k, v in labels.items() if v != ""}
+
+
+def _check_int64(value: int, what: str) -> None:
+    if not isinstance(value, int) or not 0 <= value <= _INT64_MAX:
+        raise InvalidArgumentError(f"{what} must be an integer in [0, 2**63), not {value!r}")
+
+
+def _encode(rec: _Record, raw_key: bytes) -> bytes:
+    parent = rec.parent.encode()
+    full = raw_key if len(raw_key) > _INLINE_KEY_MAX else b""
+    labels = (
+        json.dumps(rec.labels, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode()
+        if rec.labels
+        else b""
+    )
+    header = _HEADER.pack(
+        _RECORD_VERSION,
+        int(rec.kind),
+        _FLAG_FULL_KEY if full else 0,
+        rec.id,
+        rec.created_ns,
+        rec.updated_ns,
+        rec.inodes,
+        rec.size,
+        len(parent),
+        len(full),
+    )
+    return b"".join((header, parent, full, labels))
+
+
+def _decode(rkey: bytes, data: bytes) -> _Record:
+    try:
+        version, kind, flags, sid, created, updated, inodes, size, plen, klen = (
+            _HEADER.unpack_from(data)
+        )
+        if version != _RECORD_VERSION:
+            raise ValueError(f"unsupported record version {version}")
+        pos = _HEADER.size
+        parent = data[pos : pos + plen].decode()
+        pos += plen
+        key = data[pos : pos + klen].decode() if flags & _FLAG_FULL_KEY else rkey.decode()
+        pos += klen
+        labels: dict[str, str] = json.loads(data[pos:]) if len(data) > pos else {}
+        return _Record(sid, Kind(kind), key, parent, labels, created, updated, inodes, size)
+    except (struct.error, ValueError) as exc:
+        raise UnknownError(f"corrupt metastore record {rkey[:64]!r}: {exc}") from exc
+
+
+def _info(rec: _Record) -> Info:
+    return Info(
+        kind=rec.kind,
+        name=rec.key,
+        parent=rec.parent,
+        labels=dict(rec.labels),
+        created_ns=rec.created_ns,
+        updated_ns=rec.updated_ns,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Record access (internal; every check happens before the first put)
+
+
+def _load(txn: Txn, raw_key: bytes) -> _Record | None:
+    ltxn = txn._use()
+    rkey = _record_key(raw_key)
+    data = ltxn.get(rkey, db=txn._snapshots)
+    if data is None:
+        return None
+    rec = _decode(rkey, data)
+    if rec.key.encode() != raw_key:  # a sha256 collision between two long keys
+        raise UnknownError(f"metastore record key clash for {raw_key[:64]!r}")
+    return rec
+
+
+def _store(txn: Txn, rec: _Record) -> None:
+    raw = rec.key.encode()
+    txn._use(write=True).put(_record_key(raw), _encode(rec, raw), db=txn._snapshots)
+
+
+def _next_id(txn: Txn) -> int:
+    ltxn = txn._use(write=True)
+    raw = ltxn.get(_META_SEQUENCE, db=txn._meta)
+    sid = (_U64.unpack(raw)[0] if raw is not None else 0) + 1
+    ltxn.put(_META_SEQUENCE, _U64.pack(sid), db=txn._meta)
+    return sid
+
+
+def _has_children(txn: Txn, sid: int) -> bool:
+    prefix = _U64.pack(sid)
+    with txn._use().cursor(db=txn._parents) as cur:
+        return cur.set_range(prefix) and cur.key()[: len(prefix)] == prefix
+
+
+def _parent_ids(txn: Txn, parent: str, child: str) -> tuple[str, ...]:
+    ids: list[str] = []
+    seen: set[str] = set()
+    while parent:
+        if parent in seen:
+            raise UnknownError(f"metastore: parent cycle through {parent!r}")
+        seen.add(parent)
+        rec = _load(txn, parent.encode())
+        if rec is None:
+            raise NotFoundError(f"missing parent {parent!r} of snapshot {child!r}")
+        ids.append(str(rec.id))
+        child, parent = parent, rec.parent
+    return tuple(ids)
+
+
+def _iter_records(txn: Txn) -> Iterator[_Record]:
+    with txn._use().cursor(db=txn._snapshots) as cur:
+        for rkey, data in cur:
+            yield _decode(rkey, data)
+
+
+# --------------------------------------------------------------------------------------------
+# The operations (containerd's storage package)
+
+
+@_guard
+def get_info(txn: Txn, key: str) -> tuple[str, Info, Usage]:
+    """The id, Info and stored Usage of ``key``; NotFound if absent."""
+    rec = _load(txn, _key(key))
+    if rec is None:
+        raise NotFoundError(f"snapshot {key!r}")
+    return str(rec.id), _info(rec), Usage(rec.inodes, rec.size)
+
+
+@_guard
+def get_snapshot(txn: Txn, key: str) -> Snapshot:
+    """Id, kind and parent ids of the active or view ``key``.
+
+    NotFound if absent (or a parent is missing); FailedPrecondition if committed.
+    """
+    rec = _load(txn, _key(key))
+    if rec is None:
+        raise NotFoundError(f"snapshot {key!r}")
+    if rec.kind not in (Kind.ACTIVE, Kind.VIEW):
+        raise FailedPreconditionError(f"requested snapshot {key!r} not active or view")
+    return Snapshot(str(rec.id), rec.kind, _parent_ids(txn, rec.parent, key))
+
+
+@_guard
+def create_snapshot(
+    txn: Txn,
+    kind: Kind,
+    key: str,
+    parent: str = "",
+    labels: Mapping[str, str] | None = None,
+) -> Snapshot:
+    """Create the active or view ``key`` over the committed ``parent`` ("" = none).
+
+    Checks, in order: kind (InvalidArgument), key and labels (InvalidArgument),
+    parent missing (NotFound), parent not committed (InvalidArgument), key taken
+    by any snapshot (AlreadyExists).
+    """
+    txn._use(write=True)
+    if kind not in (Kind.ACTIVE, Kind.VIEW):
+        raise InvalidArgumentError(f"snapshot type {kind!s} invalid; only active and view")
+    raw = _key(key)
+    clean = _clean_labels(labels)
+    parent_rec: _Record | None = None
+    if parent:
+        parent_rec = _load(txn, _key(parent, "parent"))
+        if parent_rec is None:
+            raise NotFoundError(f"missing parent {parent!r}")
+        if parent_rec.kind != Kind.COMMITTED:
+            raise InvalidArgumentError(f"parent {parent!r} is not a committed snapshot")
+    else:
+        _text(parent, "parent")
+    if _load(txn, raw) is not None:
+        raise AlreadyExistsError(f"snapshot {key!r}")
+    parent_ids = (
+        (str(parent_rec.id), *_parent_ids(txn, parent_rec.parent, parent))
+        if parent_rec is not None
+        else ()
+    )
+
+    sid = _next_id(txn)
+    now = now_ns()
+    _store(txn, _Record(sid, kind, key, parent, clean, now, now))
+    if parent_rec is not None:
+        txn._use(write=True).put(_LINK.pack(parent_rec.id, sid), raw, db=txn._parents)
+    return Snapshot(str(sid), kind, parent_ids)
+
+
+@_guard
+def commit_active(
+    txn: Txn,
+    key: str,
+    name: str,
+    usage: Usage,
+    labels: Mapping[str, str] | None = None,
+    parent: str = "",
+) -> str:
+    """Turn the active ``key`` into the committed ``name``, keeping its id; returns the id.
+
+    The committed snapshot's labels are ``labels`` only.  ``parent`` rebases an
+    active snapshot prepared without a parent (containerd HEAD); "" keeps its own.
+    Checks, in order: arguments (InvalidArgument), ``name`` taken (AlreadyExists),
+    ``key`` missing (NotFound), not active (FailedPrecondition), a conflicting
+    ``parent`` (InvalidArgument), parent missing (NotFound) or not committed
+    (FailedPrecondition).
+    """
+    txn._use(write=True)
+    raw_key = _key(key)
+    raw_name = _key(name, "snapshot name")
+    _text(parent, "parent")
+    clean = _clean_labels(labels)
+    _check_int64(usage.inodes, "usage inodes")
+    _check_int64(usage.size, "usage size")
+
+    if _load(txn, raw_name) is not None:
+        raise AlreadyExistsError(f"committed snapshot {name!r}")
+    rec = _load(txn, raw_key)
+    if rec is None:
+        raise NotFoundError(f"snapshot {key!r}")
+    if rec.kind != Kind.ACTIVE:
+        raise FailedPreconditionError(f"snapshot {key!r} is not active")
+    new_parent = rec.parent
+    if parent:
+        if not rec.parent:
+            new_parent = parent
+        elif rec.parent != parent:
+            raise InvalidArgumentError(
+                f"cannot change parent of active snapshot {key!r} from {rec.parent!r} to {parent!r}"
+            )
+    parent_rec: _Record | None = None
+    if new_parent:
+        parent_rec = _load(txn, new_parent.encode())
+        if parent_rec is None:
+            raise NotFoundError(f"missing parent {new_parent!r} of snapshot {key!r}")
+        if parent_rec.kind != Kind.COMMITTED:
+            raise FailedPreconditionError(
+                f"parent {new_parent!r} of snapshot {key!r} is not committed"
+            )
+
+    now = now_ns()
+    committed = _Record(
+        rec.id, Kind.COMMITTED, name, new_parent, clean, now, now, usage.inodes, usage.size
+    )
+    ltxn = txn._use(write=True)
+    ltxn.delete(_record_key(raw_key), db=txn._snapshots)
+    _store(txn, committed)
+    if parent_rec is not None:
+        # Rewrites the back link to the new name, or adds it on a rebase.
+        ltxn.put(_LINK.pack(parent_rec.id, rec.id), raw_name, db=txn._parents)
+    return str(rec.id)
+
+
+@_guard
+def remove(txn: Txn, key: str) -> tuple[str, Kind]:
+    """Remove ``key``; returns its id and kind.
+
+    NotFound if absent; FailedPrecondition if it is the parent of another snapshot.
+    """
+    txn._use(write=True)
+    raw = _key(key)
+    rec = _load(txn, raw)
+    if rec is None:
+        raise NotFoundError(f"snapshot {key!r}")
+    if _has_children(txn, rec.id):
+        raise FailedPreconditionError(f"cannot remove snapshot {key!r} with child")
+    parent_rec: _Record | None = None
+    if rec.parent:
+        parent_rec = _load(txn, rec.parent.encode())
+        if parent_rec is None:
+            raise NotFoundError(f"missing parent {rec.parent!r} of snapshot {key!r}")
+    ltxn = txn._use(write=True)
+    if parent_rec is not None:
+        ltxn.delete(_LINK.pack(parent_rec.id, rec.id), db=txn._parents)
+    ltxn.delete(_record_key(raw), db=txn._snapshots)
+    return str(rec.id), rec.kind
+
+
+@_guard
+def update_info(txn: Txn, info: Info, *fieldpaths: str) -> Info:
+    """Update the labels of ``info.name`` (SPEC §1.4) and set Updated to now.
+
+    No fieldpaths, or ``labels``: replace all labels with ``info.labels``;
+    ``labels.<k>``: set label ``k`` to ``info.labels[k]`` (missing or empty
+    deletes it).  Any other path is InvalidArgument; a missing snapshot
+    NotFound.  Kind, parent and Created never change.
+    """
+    txn._use(write=True)
+    name = info.name
+    raw = _key(name)
+    given = dict(info.labels) if info.labels else {}
+    rec = _load(txn, raw)
+    if rec is None:
+        raise NotFoundError(f"snapshot {name!r}")
+
+    labels = dict(rec.labels)
+    if not fieldpaths:
+        labels = given
+    for path in fieldpaths:
+        if path == "labels":
+            labels = dict(given)
+        elif path.startswith("labels."):
+            label = path[len("labels.") :]
+            value = given.get(label, "")
+            if value:
+                labels[label] = value
+            else:
+                labels.pop(label, None)
+        else:
+            raise InvalidArgumentError(f"cannot update {path!r} field on snapshot {name!r}")
+    rec.labels = _clean_labels(labels)
+    rec.updated_ns = now_ns()
+    _store(txn, rec)
+    return _info(rec)
+
+
+@_guard
+def walk_info(txn: Txn, fn: Callable[[Info], None], *filters: str) -> None:
+    """Call ``fn`` for every snapshot matching any of ``filters`` (none = all), in key order.
+
+    A bad filter is InvalidArgument (before ``fn`` is called); an exception from
+    ``fn`` stops the walk and propagates.  An empty store calls nothing.  In a
+    write transaction the matches are collected first, so ``fn`` may change
+    the store through the same transaction.
+    """
+    from overlay.filters import info_adaptor, parse
+
+    flt = parse(*filters)
+    if txn.write:
+        for info in [i for i in map(_info, _iter_records(txn)) if flt.match(info_adaptor(i))]:
+            fn(info)
+        return
+    for rec in _iter_records(txn):
+        info = _info(rec)
+        if flt.match(info_adaptor(info)):
+            fn(info)
+
+
+@_guard
+def id_map(txn: Txn) -> dict[str, str]:
+    """Every snapshot's id mapped to its key (empty for an empty store)."""
+    return {str(rec.id): rec.key for rec in _iter_records(txn)}
+
+
+@_guard
+def stats(txn: Txn) -> StoreStats:
+    """Space used by the store, as seen by ``txn``."""
+    ltxn = txn._use()
+    env = ltxn.env
+    info = env.info()
+    st = env.stat()
+    return StoreStats(
+        map_size=info["map_size"],
+        used_bytes=(info["last_pgno"] + 1) * st["psize"],
+        page_size=st["psize"],
+        readers=info["num_readers"],
+        max_readers=info["max_readers"],
+        snapshots=ltxn.stat(txn._snapshots)["entries"],
+    )
+
+
+@_guard
+def dump(txn: Txn) -> dict[str, list[tuple[bytes, bytes]]]:
+    """Every raw entry of every sub-database, in order (for diagnostics and tests)."""
+    ltxn = txn._use()
+    out: dict[str, list[tuple[bytes, bytes]]] = {}
+    for name, db in (
+        (_DB_SNAPSHOTS, txn._snapshots),
+        (_DB_PARENTS, txn._parents),
+        (_DB_META, txn._meta),
+    ):
+        with ltxn.cursor(db=db) as cur:
+            out[name.decode()] = [(bytes(k), bytes(v)) for k, v in cur]
+    return out

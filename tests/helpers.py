@@ -1,0 +1,137 @@
+"""Test helpers: privilege checks, mount bookkeeping, whole-tree snapshots."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def overlay_supported() -> bool:
+    try:
+        with open("/proc/filesystems") as f:
+            if any(line.split()[-1] == "overlay" for line in f if line.strip()):
+                return True
+    except OSError:
+        return False
+    return Path("/sys/module/overlay").exists()
+
+
+def require_privileges() -> None:
+    reasons = []
+    if os.geteuid() != 0:
+        reasons.append("not running as root")
+    if not overlay_supported():
+        reasons.append("the kernel has no overlayfs")
+    if reasons:
+        message = "privileged test: " + ", ".join(reasons)
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + " (CI=true: this must not skip)")
+        pytest.skip(message)
+
+
+def _unescape(field: str) -> str:
+    # /proc/self/mountinfo escapes space, tab, newline and backslash as \ooo.
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 3 < len(field) + 1 and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mountinfo() -> list[dict[str, Any]]:
+    rows = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            sep = parts.index("-")
+            rows.append(
+                {
+                    "id": int(parts[0]),
+                    "target": _unescape(parts[4]),
+                    "options": parts[5],
+                    "fstype": parts[sep + 1],
+                    "source": _unescape(parts[sep + 2]),
+                    "super": parts[sep + 3] if len(parts) > sep + 3 else "",
+                }
+            )
+    return rows
+
+
+def mounts_under(root: Path) -> list[str]:
+    prefix = str(root.resolve())
+    return [
+        m["target"]
+        for m in mountinfo()
+        if m["target"] == prefix or m["target"].startswith(prefix + "/")
+    ]
+
+
+def unmount_all_under(root: Path) -> None:
+    """Lazily unmount everything at or below root, deepest first."""
+    from overlay import _native
+
+    for target in sorted(set(mounts_under(root)), key=len, reverse=True):
+        try:
+            _native.unmount(target, _native.UnmountFlag.DETACH)
+        except OSError:
+            pass
+
+
+def snapshot_tree(root: Path, *, contents: bool = True) -> dict[str, tuple[Any, ...]]:
+    """Everything about a tree that a comparison should see.
+
+    Per path: type and permission bits, owner, size, a content hash (files),
+    the link target (symlinks), device numbers (devices), the xattrs, and a
+    hard-link group (the smallest path sharing the inode).
+    """
+    out: dict[str, tuple[Any, ...]] = {}
+    first_path: dict[tuple[int, int], str] = {}
+    base = os.fsencode(root)
+
+    def visit(path: bytes) -> None:
+        st = os.lstat(path)
+        rel = os.fsdecode(os.path.relpath(path, base)) if path != base else "."
+        kind = stat.S_IFMT(st.st_mode)
+        extra: Any = None
+        if stat.S_ISREG(kind) and contents:
+            with open(path, "rb") as f:
+                extra = hashlib.sha256(f.read()).hexdigest()
+        elif stat.S_ISLNK(kind):
+            extra = os.readlink(path)
+        elif stat.S_ISCHR(kind) or stat.S_ISBLK(kind):
+            extra = (os.major(st.st_rdev), os.minor(st.st_rdev))
+        try:
+            names = sorted(os.listxattr(path, follow_symlinks=False))
+            xattrs = tuple(
+                (n, os.getxattr(path, n, follow_symlinks=False)) for n in names
+            )
+        except OSError:
+            xattrs = ()
+        link = None
+        if not stat.S_ISDIR(kind) and st.st_nlink > 1:
+            link = first_path.setdefault((st.st_dev, st.st_ino), rel)
+        out[rel] = (
+            kind,
+            stat.S_IMODE(st.st_mode),
+            st.st_uid,
+            st.st_gid,
+            st.st_size if not stat.S_ISDIR(kind) else None,
+            extra,
+            xattrs,
+            link,
+        )
+        if stat.S_ISDIR(kind):
+            for name in sorted(os.listdir(path)):
+                visit(os.path.join(path, name))
+
+    visit(base)
+    return out
