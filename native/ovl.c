@@ -222,6 +222,7 @@ int ovl_mount_overlay(const char *target, const char *const *lowers, size_t nlow
                       unsigned int attrs, char *log, size_t loglen)
 {
     int fsfd, mfd = -1, saved;
+    const char *step = "fsconfig source", *arg = "";
     size_t i;
 
     if (log != NULL && loglen > 0)
@@ -235,21 +236,29 @@ int ovl_mount_overlay(const char *target, const char *const *lowers, size_t nlow
         return -1;
     if (sys_fsconfig(fsfd, OVL_FSCONFIG_SET_STRING, "source", "overlay", 0) != 0)
         goto fail;
+    step = "lowerdir+";
     for (i = 0; i < nlowers; i++)
-        if (set_path(fsfd, "lowerdir+", lowers[i]) != 0)
+        if (set_path(fsfd, "lowerdir+", (arg = lowers[i])) != 0)
             goto fail;
-    if (upper != NULL && set_path(fsfd, "upperdir", upper) != 0)
+    step = "upperdir";
+    if (upper != NULL && set_path(fsfd, "upperdir", (arg = upper)) != 0)
         goto fail;
-    if (work != NULL && set_path(fsfd, "workdir", work) != 0)
+    step = "workdir";
+    if (work != NULL && set_path(fsfd, "workdir", (arg = work)) != 0)
         goto fail;
+    step = "option";
     for (i = 0; i < noptions; i++)
-        if (set_option(fsfd, options[i]) != 0)
+        if (set_option(fsfd, (arg = options[i])) != 0)
             goto fail;
+    step = "create";
+    arg = "";
     if (sys_fsconfig(fsfd, OVL_FSCONFIG_CMD_CREATE, NULL, NULL, 0) != 0)
         goto fail;
+    step = "fsmount";
     mfd = (int)syscall(SYS_fsmount, fsfd, OVL_FSMOUNT_CLOEXEC, attrs);
     if (mfd < 0)
         goto fail;
+    step = "move_mount";
     if (syscall(SYS_move_mount, mfd, "", AT_FDCWD, target, OVL_MOVE_MOUNT_F_EMPTY_PATH) != 0)
         goto fail;
     close(mfd);
@@ -257,6 +266,8 @@ int ovl_mount_overlay(const char *target, const char *const *lowers, size_t nlow
     return 0;
 fail:
     saved = errno;
+    if (log != NULL && loglen > 0)
+        snprintf(log, loglen, "%s%s%s", step, *arg ? " " : "", arg);
     drain_log(fsfd, log, loglen);
     if (mfd >= 0)
         close(mfd);

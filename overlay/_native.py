@@ -254,8 +254,15 @@ def mount_overlay(
         )
         if rc == 0:
             return
-        if ffi.errno != _errno.EINTR:
-            _raise(target, detail=ffi.string(log).decode(errors="replace"))
+        code = ffi.errno
+        if code != _errno.EINTR:
+            detail = ffi.string(log).decode(errors="replace")
+            culprit: str | os.PathLike[str] = target
+            if code == _errno.ENOENT:
+                missing = [p for p in (*lowers, upper, work) if p is not None
+                           and not os.path.lexists(p)]
+                culprit = missing[0] if missing else target
+            _raise(culprit, err=code, detail=detail)
 
 
 def mount_api_support() -> MountApi:

@@ -27,8 +27,9 @@ everything.  Quoted strings take Go's escapes (``\\a \\b \\f \\n \\r \\t \\v
 ``\\Uhhhhhhhh`` characters); any other escape is an error, also inside
 ``/…/``, exactly as in containerd (write ``\\\\d`` or leave the regexp
 unquoted).  ``"``, ``/`` and ``|`` open a quoted string wherever a field or
-value starts, so a value starting with one of them, or with ``.``, ``=``,
-``!`` or ``~``, must be double-quoted.  Single quotes are ordinary
+value starts, so a value starting with one of them, or with ``=``, ``!`` or
+``~`` (which would run into the operator), must be double-quoted.  A regexp
+containing ``,`` or a space must be quoted too.  Single quotes are ordinary
 characters.
 
 Semantics: ``==`` needs the field present and equal; ``!=`` compares the
@@ -41,6 +42,8 @@ Where we differ from containerd, on purpose
 * Whitespace is skipped between any two tokens.  containerd only skips it
   before a field, an operator or a value, so it rejects ``a==b ,c`` and a
   trailing space; every filter it accepts means the same here.
+* An unquoted value may start with ``.`` (``name~=.*foo``); containerd's
+  scanner takes that dot for a field separator and rejects the filter.
 * Regexps run on Python's :mod:`re`, not RE2: Python-only syntax
   (look-around, back references) is accepted, Go-only syntax (``\\pL``,
   ``\\z``, ``[[:alpha:]]``, flags in mid-pattern) is not or means something
@@ -469,7 +472,7 @@ class _Parser:
                 f"expected a value after {op.value!r}, found {_found(ch)}"
                 '; write "" for an empty value',
             )
-        if ch == "." or ch in _OPERATOR_CHARS:
+        if ch in _OPERATOR_CHARS:
             raise self._error(start, f"a value starting with {ch!r} must be double-quoted")
         end = start
         while end < self._end and _is_value_char(self._text[end]):
@@ -558,5 +561,5 @@ class _Parser:
             hint = f"; only {quote!r} can be escaped inside {quote}…{quote}"
         else:
             hint = ""
-        shown = _printable(c)
-        raise self._error(i, f"invalid escape sequence '\\{shown}' in a quoted string{hint}")
+        shown = repr("\\" + c)
+        raise self._error(i, f"invalid escape sequence {shown} in a quoted string{hint}")

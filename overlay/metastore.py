@@ -90,6 +90,8 @@ from typing import ParamSpec, TypeVar
 
 import lmdb
 
+from overlay.filters import info_adaptor
+from overlay.filters import parse as parse_filters
 from overlay.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -507,8 +509,8 @@ def _encode(rec: _Record, raw_key: bytes) -> bytes:
 
 def _decode(rkey: bytes, data: bytes) -> _Record:
     try:
-        version, kind, flags, sid, created, updated, inodes, size, plen, klen = (
-            _HEADER.unpack_from(data)
+        version, kind, flags, sid, created, updated, inodes, size, plen, klen = _HEADER.unpack_from(
+            data
         )
         if version != _RECORD_VERSION:
             raise ValueError(f"unsupported record version {version}")
@@ -662,7 +664,7 @@ def create_snapshot(
 
 
 @_guard
-def commit_active(
+def commit_active(  # noqa: PLR0917 (containerd's signature)
     txn: Txn,
     key: str,
     name: str,
@@ -797,9 +799,7 @@ def walk_info(txn: Txn, fn: Callable[[Info], None], *filters: str) -> None:
     write transaction the matches are collected first, so ``fn`` may change
     the store through the same transaction.
     """
-    from overlay.filters import info_adaptor, parse
-
-    flt = parse(*filters)
+    flt = parse_filters(*filters)
     if txn.write:
         for info in [i for i in map(_info, _iter_records(txn)) if flt.match(info_adaptor(i))]:
             fn(info)
