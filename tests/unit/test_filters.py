@@ -196,6 +196,8 @@ EQ, NE, RE = Operator.EQUAL, Operator.NOT_EQUAL, Operator.MATCHES
         ('a==x"y"', sel("a", EQ, 'x"y"')),
         ("a=='x'", sel("a", EQ, "'x'")),
         ("a==-1", sel("a", EQ, "-1")),
+        ("a==.x", sel("a", EQ, ".x")),
+        ("a~=.*x$", sel("a", RE, ".*x$")),
         ("a==sha256:abc", sel("a", EQ, "sha256:abc")),
         ("a==caf\u00e9\u0301", sel("a", EQ, "caf\u00e9\u0301")),
         ('a==""', sel("a", EQ, "")),
@@ -296,7 +298,7 @@ def test_non_string_filter_is_rejected() -> None:
         ('a=="abc\\"', 3, "quoted string not terminated"),
         # bad escapes
         ('a=="\\q"', 4, "invalid escape sequence '\\\\q'"),
-        ('a="\\\'"', 4, "only '\"' can be escaped"),
+        ('a=="\\\'"', 4, "only '\"' can be escaped"),
         ('a=="\\/"', 4, "invalid escape sequence"),
         ('a~=/\\"/', 4, "invalid escape sequence"),
         ("a~=/\\d+/", 4, "write \\\\ for a backslash"),
@@ -313,7 +315,6 @@ def test_non_string_filter_is_rejected() -> None:
         # missing or malformed values
         ("a==", 3, "expected a value after '=='"),
         ("a!=,b", 3, "expected a value after '!='"),
-        ("a==.x", 3, "a value starting with '.' must be double-quoted"),
         ("a== =x", 4, "a value starting with '=' must be double-quoted"),
         ("a==|x|", 3, "a value starting with '|' must be double-quoted"),
         ("a!=/x/", 3, "a value starting with '/' must be double-quoted"),
@@ -331,7 +332,8 @@ def test_non_string_filter_is_rejected() -> None:
         # bad regular expressions
         ("name~=[", 6, "invalid regular expression '['"),
         ("name~=(a", 6, "missing ), unterminated subpattern"),
-        ("name~=a{2,1}", 6, "min repeat greater than max repeat"),
+        ("name~=/a{2,1}/", 6, "min repeat greater than max repeat"),
+        ("name~=a{2,1}", 11, "expected an operator"),  # the comma ends the selector
         ("name~=/*/", 6, "nothing to repeat"),
         ("name~=\\pL", 6, "bad escape \\p"),
         ("name~=a{99999999999}", 6, "invalid regular expression"),

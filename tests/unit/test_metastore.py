@@ -802,7 +802,11 @@ def test_walk_callback_error_aborts_walk(base: MetaStore) -> None:
 
 def test_walk_in_write_txn_may_remove(base: MetaStore) -> None:
     with base.transaction(write=True) as txn:
-        ms.walk_info(txn, lambda info: ms.remove(txn, info.name), "kind==view")
+
+        def drop(info: Info) -> None:
+            ms.remove(txn, info.name)
+
+        ms.walk_info(txn, drop, "kind==view")
         assert sorted(ms.id_map(txn).values()) == sorted(
             k for k, (_, kind) in BASE_INFO.items() if kind is not Kind.VIEW
         )
@@ -1078,8 +1082,8 @@ def test_writer_killed_inside_txn_loses_only_that_txn(store: MetaStore) -> None:
 def test_lazy_open_and_close_twice(tmp_path: Path) -> None:
     path = tmp_path / "metadata.lmdb"
     never = MetaStore(path)
-    assert never.close() is None
-    assert never.close() is None
+    never.close()
+    never.close()
     assert not path.exists()
 
     store = MetaStore(path)
@@ -1088,8 +1092,8 @@ def test_lazy_open_and_close_twice(tmp_path: Path) -> None:
     assert path.is_file()
     assert (path.stat().st_mode & 0o777) == 0o600
     assert Path(f"{path}-lock").is_file()
-    assert store.close() is None
-    assert store.close() is None
+    store.close()
+    store.close()
     with pytest.raises(UnavailableError, match="closed"), store.transaction():
         pass
 
