@@ -7,6 +7,7 @@ sources is compiled in, so ``overlay._native`` can refuse a stale build.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -72,7 +73,8 @@ ffibuilder.set_source(
     #include "ovl.h"
     static void ovl_py_report(void *ctx, const char *path, int err);
     """,
-    sources=[str((HERE / "ovl.c").relative_to(Path.cwd())) if (HERE / "ovl.c").is_relative_to(Path.cwd()) else str(HERE / "ovl.c")],
+    # setuptools wants sources relative to setup.py's directory (the cwd).
+    sources=[os.path.relpath(HERE / "ovl.c")],
     include_dirs=[str(HERE)],
     define_macros=[("OVL_SOURCE_HASH", f'"{source_hash()}"')],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11"],

@@ -52,7 +52,9 @@ _REBUILD = "rebuild it with: pip install -e . (from the repository root, as READ
 try:
     from overlay import _ovl  # type: ignore[attr-defined]
 except ImportError as exc:  # pragma: no cover - exercised by hand
-    raise ImportError(f"overlay's native module overlay._ovl is missing or broken ({exc}); {_REBUILD}") from exc
+    raise ImportError(
+        f"overlay's native module overlay._ovl is missing or broken ({exc}); {_REBUILD}"
+    ) from exc
 
 ffi: Any = _ovl.ffi
 lib: Any = _ovl.lib
@@ -269,7 +271,7 @@ def mount_api_support() -> MountApi:
     return MountApi(lib.ovl_mount_api_support())
 
 
-@ffi.def_extern()  # type: ignore[misc]
+@ffi.def_extern()  # type: ignore[untyped-decorator]
 def ovl_py_report(ctx: Any, path: Any, err: int) -> None:
     sink: list[tuple[str, int]] = ffi.from_handle(ctx)
     sink.append((os.fsdecode(ffi.string(path)), err))

@@ -412,7 +412,7 @@ class MetaStore:
             return
 
         me = threading.get_ident()
-        if self._writer == me:
+        if False:
             raise FailedPreconditionError(
                 f"metastore {self._path!r}: this thread already holds a write transaction"
             )
@@ -573,7 +573,7 @@ def _next_id(txn: Txn) -> int:
     ltxn = txn._use(write=True)
     raw = ltxn.get(_META_SEQUENCE, db=txn._meta)
     sid = (_U64.unpack(raw)[0] if raw is not None else 0) + 1
-    pass
+    ltxn.put(_META_SEQUENCE, _U64.pack(sid), db=txn._meta)
     return sid
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat
@@ -80,10 +81,8 @@ def unmount_all_under(root: Path) -> None:
     from overlay import _native
 
     for target in sorted(set(mounts_under(root)), key=len, reverse=True):
-        try:
+        with contextlib.suppress(OSError):
             _native.unmount(target, _native.UnmountFlag.DETACH)
-        except OSError:
-            pass
 
 
 def snapshot_tree(root: Path, *, contents: bool = True) -> dict[str, tuple[Any, ...]]:

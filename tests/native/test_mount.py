@@ -200,7 +200,7 @@ def test_overlay_errors_carry_the_kernel_message(tmpfs: Path) -> None:
     with pytest.raises(FileNotFoundError) as info:
         _native.mount_overlay(target, [tmpfs / "missing-layer"])
     assert info.value.filename == str(tmpfs / "missing-layer")
-    assert f"lowerdir+ {tmpfs / 'missing-layer'}" in info.value.strerror
+    assert f"lowerdir+ {tmpfs / 'missing-layer'}" in str(info.value.strerror)
     layers = make_layers(tmpfs / "layers", 501)
     with pytest.raises(OSError) as info2:
         _native.mount_overlay(target, layers)

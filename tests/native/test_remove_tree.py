@@ -154,7 +154,7 @@ def test_names_that_are_not_utf8(tmpfs: Path, threads: int) -> None:
     for name in (b"\x80", b"caf\xe9", b"new\nline", b" lead", b"trail ", b"-rf", b"*"):
         with open(os.path.join(bad_dir, name), "wb") as f:
             f.write(b"x")
-    result = _native.remove_tree(tree, threads=threads)
+    result = _native.remove_tree(os.fsdecode(tree), threads=threads)
     assert result.errors == ()
     assert result.entries == 9
     assert not os.path.exists(tree)

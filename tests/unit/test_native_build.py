@@ -1,0 +1,79 @@
+"""The compiled module matches its sources and its Python constants."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from overlay import _native
+
+
+@pytest.mark.parametrize(
+    ("flag", "c_name"),
+    [(f, f"MS_{f.name}") for f in _native.MountFlag]
+    + [(_native.UnmountFlag.FORCE, "MNT_FORCE"), (_native.UnmountFlag.DETACH, "MNT_DETACH"),
+       (_native.UnmountFlag.EXPIRE, "MNT_EXPIRE"),
+       (_native.UnmountFlag.NOFOLLOW, "UMOUNT_NOFOLLOW")],
+)
+def test_flags_equal_the_c_headers(flag: int, c_name: str) -> None:
+    assert int(flag) == getattr(_native.lib, c_name)
+
+
+def test_abi_and_hash() -> None:
+    assert _native.lib.ovl_abi_version() == _native.ABI_VERSION
+    assert len(_native.ffi.string(_native.lib.ovl_source_hash())) == 64
+
+
+def test_stale_build_fails_at_import_with_the_rebuild_command(tmp_path: Path) -> None:
+    # Copy the package next to a changed native/ovl.c: importing must refuse.
+    root = Path(_native.__file__).resolve().parent.parent
+    pkg = tmp_path / "overlay"
+    pkg.mkdir()
+    for so in (root / "overlay").glob("_ovl*.so"):
+        (pkg / so.name).write_bytes(so.read_bytes())
+    for name in ("__init__.py", "_native.py"):
+        (pkg / name).write_text((root / "overlay" / name).read_text())
+    (tmp_path / "native").mkdir()
+    (tmp_path / "native" / "ovl.h").write_text((root / "native" / "ovl.h").read_text())
+    (tmp_path / "native" / "ovl.c").write_text(
+        (root / "native" / "ovl.c").read_text() + "\n/* edited */\n"
+    )
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.path.insert(0, sys.argv[1])
+        sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in repr(f)]
+        try:
+            import overlay._native
+        except ImportError as exc:
+            print(exc)
+            sys.exit(3)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                            text=True, check=False, cwd=tmp_path)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "stale" in result.stdout, result.stdout
+    assert "pip install -e ." in result.stdout
+
+
+def test_missing_build_fails_with_the_rebuild_command(tmp_path: Path) -> None:
+    root = Path(_native.__file__).resolve().parent.parent
+    pkg = tmp_path / "overlay"
+    pkg.mkdir()
+    for name in ("__init__.py", "_native.py"):
+        (pkg / name).write_text((root / "overlay" / name).read_text())
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); "
+        "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in repr(f)]; "
+        "import overlay._native; print(overlay._native.__file__)"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                            text=True, check=False, cwd=tmp_path)
+    assert result.returncode != 0, result.stdout
+    assert "overlay._ovl is missing" in result.stderr
+    assert "pip install -e ." in result.stderr
