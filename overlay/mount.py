@@ -1,0 +1,292 @@
+"""The ``Mount`` value type and how to apply it: bind, rbind, read-only
+remounts and overlays of any depth (up to the kernel's 500 layers).
+
+Overlays go through the new mount API when the kernel has it (one
+``lowerdir+`` per layer, no option-length limit).  Otherwise the option
+string is handed to mount(2) as is when it fits one page, else with the
+layer paths made relative to their common parent and mounted from a private
+working directory; a stack that fits neither way is refused before any
+syscall, never mounted truncated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from overlay import _native, support
+from overlay._native import MountAttr, MountFlag
+from overlay.errors import InvalidArgumentError, UnsupportedError
+
+__all__ = [
+    "Mount",
+    "OverlayStrategy",
+    "mount_all",
+    "parse_options",
+    "unmount",
+    "unmount_all",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Mount:
+    """One mount, as containerd's ``types.Mount``: type, source, options.
+
+    ``target`` is a path relative to the mount point given to ``mount_all``
+    ("" = the mount point itself).
+    """
+
+    type: str
+    source: str
+    target: str = ""
+    options: tuple[str, ...] = ()
+
+
+class OverlayStrategy(enum.Enum):
+    AUTO = "auto"
+    #: fsopen/fsconfig("lowerdir+")/fsmount/move_mount
+    NEW_API = "new-api"
+    #: mount(2); relative lowerdirs from a private cwd when absolute ones overflow
+    LEGACY = "legacy"
+
+
+# option -> (clear, set); containerd's Linux option table.
+_FLAGS: dict[str, tuple[int, int]] = {
+    "async": (MountFlag.SYNCHRONOUS, 0),
+    "atime": (MountFlag.NOATIME, 0),
+    "bind": (0, MountFlag.BIND),
+    "defaults": (0, 0),
+    "dev": (MountFlag.NODEV, 0),
+    "diratime": (MountFlag.NODIRATIME, 0),
+    "dirsync": (0, MountFlag.DIRSYNC),
+    "exec": (MountFlag.NOEXEC, 0),
+    "mand": (0, MountFlag.MANDLOCK),
+    "noatime": (0, MountFlag.NOATIME),
+    "nodev": (0, MountFlag.NODEV),
+    "nodiratime": (0, MountFlag.NODIRATIME),
+    "noexec": (0, MountFlag.NOEXEC),
+    "nomand": (MountFlag.MANDLOCK, 0),
+    "norelatime": (MountFlag.RELATIME, 0),
+    "nostrictatime": (MountFlag.STRICTATIME, 0),
+    "nosuid": (0, MountFlag.NOSUID),
+    "rbind": (0, MountFlag.BIND | MountFlag.REC),
+    "relatime": (0, MountFlag.RELATIME),
+    "remount": (0, MountFlag.REMOUNT),
+    "ro": (0, MountFlag.RDONLY),
+    "rw": (MountFlag.RDONLY, 0),
+    "strictatime": (0, MountFlag.STRICTATIME),
+    "suid": (MountFlag.NOSUID, 0),
+    "sync": (0, MountFlag.SYNCHRONOUS),
+}
+
+_PROPAGATION: dict[str, int] = {
+    "private": MountFlag.PRIVATE,
+    "rprivate": MountFlag.PRIVATE | MountFlag.REC,
+    "shared": MountFlag.SHARED,
+    "rshared": MountFlag.SHARED | MountFlag.REC,
+    "slave": MountFlag.SLAVE,
+    "rslave": MountFlag.SLAVE | MountFlag.REC,
+    "unbindable": MountFlag.UNBINDABLE,
+    "runbindable": MountFlag.UNBINDABLE | MountFlag.REC,
+}
+
+# mount flags a bind mount only honours on a second, remounting call
+_REMOUNT_FLAGS = (
+    MountFlag.RDONLY | MountFlag.NOSUID | MountFlag.NODEV | MountFlag.NOEXEC
+    | MountFlag.NOATIME | MountFlag.NODIRATIME | MountFlag.RELATIME | MountFlag.STRICTATIME
+)
+
+_ATTRS: tuple[tuple[int, int], ...] = (
+    (MountFlag.RDONLY, MountAttr.RDONLY),
+    (MountFlag.NOSUID, MountAttr.NOSUID),
+    (MountFlag.NODEV, MountAttr.NODEV),
+    (MountFlag.NOEXEC, MountAttr.NOEXEC),
+    (MountFlag.NOATIME, MountAttr.NOATIME),
+    (MountFlag.STRICTATIME, MountAttr.STRICTATIME),
+    (MountFlag.NODIRATIME, MountAttr.NODIRATIME),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedOptions:
+    flags: int
+    propagation: tuple[int, ...]
+    data: tuple[str, ...]
+
+
+def parse_options(options: Sequence[str]) -> ParsedOptions:
+    """Split mount options into mount(2) flags, propagation changes and
+    filesystem data (everything else, in order)."""
+    flags = 0
+    propagation: list[int] = []
+    data: list[str] = []
+    for opt in options:
+        if opt in _FLAGS:
+            clear, set_ = _FLAGS[opt]
+            flags = (flags & ~clear) | set_
+        elif opt in _PROPAGATION:
+            propagation.append(_PROPAGATION[opt])
+        else:
+            data.append(opt)
+    return ParsedOptions(flags, tuple(propagation), tuple(data))
+
+
+def _split_lowerdir(value: str) -> list[str]:
+    # ':' separates layers; '\:' is a literal colon inside a path.
+    parts, cur, i = [], [], 0
+    while i < len(value):
+        ch = value[i]
+        if ch == "\\" and i + 1 < len(value):
+            cur.append(value[i + 1])
+            i += 2
+            continue
+        if ch == ":":
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+        i += 1
+    parts.append("".join(cur))
+    return [p for p in parts if p]
+
+
+def _mount_overlay(m: Mount, target: str, strategy: OverlayStrategy) -> None:
+    parsed = parse_options(m.options)
+    lowers: list[str] = []
+    upper = work = None
+    rest: list[str] = []
+    for opt in parsed.data:
+        key, _, value = opt.partition("=")
+        if key == "lowerdir":
+            lowers = _split_lowerdir(value)
+        elif key == "upperdir":
+            upper = value
+        elif key == "workdir":
+            work = value
+        else:
+            rest.append(opt)
+    if not lowers:
+        raise InvalidArgumentError(f"overlay mount for {target!r} has no lowerdir")
+    if strategy is OverlayStrategy.AUTO:
+        api = support.mount_api()
+        usable = bool(api & _native.MountApi.LOWERDIR_ADD) and (
+            bool(api & _native.MountApi.LOWERDIR_FD)
+            or all(len(p) < 256 for p in (*lowers, upper or "", work or ""))
+        )
+        strategy = OverlayStrategy.NEW_API if usable else OverlayStrategy.LEGACY
+    if strategy is OverlayStrategy.NEW_API:
+        attrs = 0
+        for flag, attr in _ATTRS:
+            if parsed.flags & flag:
+                attrs |= attr
+        _native.mount_overlay(target, lowers, upper, work, rest, attrs)
+    else:
+        _mount_overlay_legacy(m, target, lowers, upper, work, rest, parsed.flags)
+    for prop in parsed.propagation:
+        _native.mount(None, target, None, prop)
+
+
+def _mount_overlay_legacy(
+    m: Mount, target: str, lowers: list[str], upper: str | None, work: str | None,
+    rest: list[str], flags: int,
+) -> None:
+    def options(paths: Sequence[str], up: str | None, wk: str | None) -> str:
+        opts = []
+        if wk is not None:
+            opts.append(f"workdir={wk}")
+        if up is not None:
+            opts.append(f"upperdir={up}")
+        opts.append("lowerdir=" + ":".join(p.replace(":", "\\:") for p in paths))
+        return ",".join([*opts, *rest])
+
+    data = options(lowers, upper, work)
+    if len(os.fsencode(data)) <= _native.MAX_MOUNT_DATA:
+        _native.mount(m.source, target, "overlay", flags, data)
+        return
+    # containerd's compaction: make every path relative to the common
+    # parent of the layers (e.g. <root>/snapshots) and mount from there.
+    every = [*lowers, *(p for p in (upper, work) if p is not None)]
+    common = os.path.commonpath([os.path.dirname(p) for p in every])
+    common = os.path.dirname(common) if common in every else common
+
+    def rel(p: str) -> str:
+        return os.path.relpath(p, common)
+
+    data = options([rel(p) for p in lowers], rel(upper) if upper else None,
+                   rel(work) if work else None)
+    if len(os.fsencode(data)) > _native.MAX_MOUNT_DATA:
+        raise UnsupportedError(
+            f"an overlay of {len(lowers)} layers does not fit in one page of mount options "
+            f"even with relative paths ({len(data)} bytes); this kernel lacks the new mount "
+            "API's 'lowerdir+' (Linux >= 6.8), which mounts stacks of up to 500 layers"
+        )
+    _native.mount_at(common, m.source, target, "overlay", flags, data)
+
+
+def _mount_one(m: Mount, target: str, strategy: OverlayStrategy) -> None:
+    if m.type == "overlay":
+        _mount_overlay(m, target, strategy)
+        return
+    parsed = parse_options(m.options)
+    data = ",".join(parsed.data) or None
+    flags = parsed.flags
+    if flags & MountFlag.BIND:
+        # A bind mount ignores most flags on its first call (mount(8) does
+        # the same): bind first, then remount with the flags that matter.
+        _native.mount(m.source, target, None, flags & (MountFlag.BIND | MountFlag.REC), data)
+        extra = flags & _REMOUNT_FLAGS
+        if extra:
+            try:
+                _native.mount(None, target, None,
+                              MountFlag.REMOUNT | MountFlag.BIND | extra, None)
+            except OSError:
+                _native.unmount(target, _native.UnmountFlag.DETACH)
+                raise
+    else:
+        _native.mount(m.source, target, m.type or None, flags, data)
+    for prop in parsed.propagation:
+        _native.mount(None, target, None, prop)
+
+
+def mount_all(
+    mounts: Sequence[Mount],
+    target: str | os.PathLike[str],
+    *,
+    strategy: OverlayStrategy = OverlayStrategy.AUTO,
+) -> None:
+    """Mount every mount in order at ``target`` (or below it, by ``Mount.target``).
+
+    On failure the mounts already made are undone and the error re-raised.
+    """
+    root = os.fspath(target)
+    done: list[str] = []
+    try:
+        for m in mounts:
+            dest = os.path.join(root, m.target.lstrip("/")) if m.target else root
+            _mount_one(m, dest, strategy)
+            done.append(dest)
+    except BaseException:
+        for dest in reversed(done):
+            with contextlib.suppress(OSError):
+                _native.unmount(dest, _native.UnmountFlag.DETACH)
+        raise
+
+
+def unmount(target: str | os.PathLike[str], *, lazy: bool = False) -> None:
+    """Unmount the topmost mount at ``target``."""
+    _native.unmount(target, _native.UnmountFlag.DETACH if lazy else 0)
+
+
+def unmount_all(target: str | os.PathLike[str], *, lazy: bool = False) -> None:
+    """Unmount every mount stacked at ``target``; a non-mount point is fine."""
+    while True:
+        try:
+            unmount(target, lazy=lazy)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                return
+            raise
