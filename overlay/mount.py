@@ -24,8 +24,10 @@ from overlay.errors import InvalidArgumentError, UnsupportedError
 
 __all__ = [
     "Mount",
+    "MountInfo",
     "OverlayStrategy",
     "mount_all",
+    "mount_table",
     "parse_options",
     "unmount",
     "unmount_all",
@@ -290,3 +292,87 @@ def unmount_all(target: str | os.PathLike[str], *, lazy: bool = False) -> None:
             if exc.errno == errno.EINVAL:
                 return
             raise
+
+
+@dataclass(frozen=True, slots=True)
+class MountInfo:
+    """One line of /proc/self/mountinfo (paths unescaped)."""
+
+    mount_id: int
+    device: str  # "major:minor"
+    root: str  # the path inside the source filesystem that is mounted
+    target: str
+    fstype: str
+    source: str
+    super_options: tuple[str, ...]
+
+    def layer_paths(self) -> tuple[str, ...]:
+        """For an overlay: every lowerdir/upperdir/workdir/datadir path it uses,
+        as the kernel shows them (absolute, or relative when mounted that way)."""
+        if self.fstype != "overlay":
+            return ()
+        paths: list[str] = []
+        for opt in self.super_options:
+            key, _, value = opt.partition("=")
+            if key in ("lowerdir", "lowerdir+", "datadir+"):
+                paths.extend(_split_lowerdir(value))
+            elif key in ("upperdir", "workdir"):
+                paths.append(value)
+        return tuple(paths)
+
+
+def _unescape(field: str) -> str:
+    # mountinfo writes space, tab, newline and backslash as \ooo octal.
+    if "\\" not in field:
+        return field
+    out = bytearray()
+    raw = field.encode("utf-8", "surrogateescape")
+    i = 0
+    while i < len(raw):
+        if raw[i] == 0x5C and i + 3 < len(raw) + 1 and raw[i + 1 : i + 4].isdigit():
+            out.append(int(raw[i + 1 : i + 4], 8))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return out.decode("utf-8", "surrogateescape")
+
+
+def _split_super(options: str) -> tuple[str, ...]:
+    # Options are comma separated; overlay escapes a comma inside a path as \,
+    parts, cur, i = [], [], 0
+    while i < len(options):
+        ch = options[i]
+        if ch == "\\" and i + 1 < len(options) and options[i + 1] == ",":
+            cur.append(",")
+            i += 2
+            continue
+        if ch == ",":
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+        i += 1
+    parts.append("".join(cur))
+    return tuple(_unescape(p) for p in parts if p)
+
+
+def mount_table() -> list[MountInfo]:
+    """The calling process's mounts, from /proc/self/mountinfo."""
+    rows = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            parts = line.rstrip("\n").split(" ")
+            sep = parts.index("-", 6)
+            rows.append(
+                MountInfo(
+                    mount_id=int(parts[0]),
+                    device=parts[2],
+                    root=_unescape(parts[3]),
+                    target=_unescape(parts[4]),
+                    fstype=parts[sep + 1],
+                    source=_unescape(parts[sep + 2]),
+                    super_options=_split_super(parts[sep + 3]) if len(parts) > sep + 3 else (),
+                )
+            )
+    return rows

@@ -1,0 +1,470 @@
+"""``OverlaySnapshotter``: containerd's overlay snapshotter, made safer.
+
+Layout (SPEC §2.2)::
+
+    <root>/metadata.db          the LMDB metastore
+    <root>/snapshots/<id>/fs    a snapshot's layer (the overlay upperdir), 0755
+    <root>/snapshots/<id>/work  the overlay workdir (active snapshots only), 0711
+    <root>/trash/               orphans on their way out
+
+How it keeps its promises:
+
+* A snapshot directory is created only while holding the metastore's write
+  transaction: built as ``snapshots/new-*`` and renamed to ``<id>`` before
+  the commit.  ``cleanup`` decides what is orphaned under the same lock, so it
+  can never see a create half done (DESIGN invariant 1).
+* ``remove`` drops the record and nothing else: O(1) whatever the size.
+* ``cleanup`` moves each orphan into ``trash/`` under the lock (one rename
+  each) and deletes the trash with the native unlink *after* releasing it,
+  so creates never wait for the disk.  Nothing outside the lock ever touches
+  ``snapshots/``: an id freed by a rolled-back create may be handed out again,
+  so only the lock holder may decide what a ``snapshots/<id>`` is.
+* A crash at any instant leaves either a committed record with its
+  directory, or a directory without a record (an orphan for the next
+  cleanup; a create that meets one under its own id moves it to the trash
+  first).
+
+Several processes may share one root: LMDB's lock serialises their writers,
+and the trash tolerates two removers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import secrets
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from overlay import _native, metastore, support
+from overlay.errors import AlreadyExistsError, NotFoundError, UnavailableError
+from overlay.mount import Mount, MountInfo, mount_table
+from overlay.snapshots import (
+    LABEL_SNAPSHOT_REF,
+    LABEL_UPPERDIR,
+    CleanupReport,
+    Info,
+    Kind,
+    Usage,
+    WalkFunc,
+    check_labels,
+)
+
+__all__ = ["MountConfig", "OverlaySnapshotter", "compute_mounts"]
+
+log = logging.getLogger(__name__)
+
+#: Called while the trash is emptied: (directories done, directories total).
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class MountConfig:
+    """What ``mounts()`` needs besides the record: decided once at start-up."""
+
+    root: str
+    #: configured options, then userxattr / index=off as probed (HEAD order)
+    extra_options: tuple[str, ...] = ()
+
+
+def compute_mounts(config: MountConfig, snap: metastore.Snapshot) -> list[Mount]:
+    """The mounts of an active snapshot or view: a pure function (SPEC §2.5)."""
+    snapshots = os.path.join(config.root, "snapshots")
+
+    def upper(sid: str) -> str:
+        return os.path.join(snapshots, sid, "fs")
+
+    if not snap.parent_ids:
+        # an empty layer: its own (empty) fs directory
+        ro = "ro" if snap.kind is Kind.VIEW else "rw"
+        return [Mount("bind", upper(snap.id), "", (ro, "rbind"))]
+    lowerdir = "lowerdir=" + ":".join(upper(p) for p in snap.parent_ids)
+    if snap.kind is Kind.VIEW:
+        if len(snap.parent_ids) == 1:
+            return [Mount("bind", upper(snap.parent_ids[0]), "", ("ro", "rbind"))]
+        return [Mount("overlay", "overlay", "", (lowerdir, *config.extra_options))]
+    work = os.path.join(snapshots, snap.id, "work")
+    options = (f"workdir={work}", f"upperdir={upper(snap.id)}", lowerdir)
+    return [Mount("overlay", "overlay", "", (*options, *config.extra_options))]
+
+
+class OverlaySnapshotter:
+    """containerd's overlay snapshotter contract on overlayfs (see module doc)."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        sync_remove: bool = False,
+        upperdir_label: bool = False,
+        mount_options: Sequence[str] = (),
+        trash_threads: int = 2,
+    ) -> None:
+        support.check_overlay()
+        self._root = os.path.abspath(os.fspath(root))
+        os.makedirs(self._root, mode=0o700, exist_ok=True)
+        support.check_dtype(self._root)
+        self._snapshots = os.path.join(self._root, "snapshots")
+        self._trash = os.path.join(self._root, "trash")
+        for d in (self._snapshots, self._trash):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(d, 0o700)
+        self._sync_remove = sync_remove
+        self._upperdir_label = upperdir_label
+        self._trash_threads = max(1, trash_threads)
+        options = list(mount_options)
+        if "userxattr" not in options and support.needs_userxattr(self._root):
+            options.append("userxattr")
+        has_index = any(o == "index" or o.startswith("index=") for o in options)
+        if not has_index and support.supports_index_option():
+            options.append("index=off")
+        self._config = MountConfig(self._root, tuple(options))
+        self._ms = metastore.MetaStore(os.path.join(self._root, "metadata.db"))
+        self._closed = False
+        self._trash_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def root(self) -> str:
+        return self._root
+
+    @property
+    def mount_config(self) -> MountConfig:
+        return self._config
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UnavailableError(f"snapshotter at {self._root!r} is closed")
+
+    def _upper(self, sid: str) -> str:
+        return os.path.join(self._snapshots, sid, "fs")
+
+    def _with_upperdir(self, sid: str, info: Info) -> Info:
+        if not self._upperdir_label:
+            return info
+        labels = dict(info.labels)
+        labels[LABEL_UPPERDIR] = self._upper(sid)
+        return Info(info.kind, info.name, info.parent, labels, info.created_ns, info.updated_ns)
+
+    # ---------------------------------------------------------------- inspect
+
+    def stat(self, key: str) -> Info:
+        self._check_open()
+        with self._ms.transaction(write=False) as txn:
+            sid, info, _ = metastore.get_info(txn, key)
+        return self._with_upperdir(sid, info)
+
+    def update(self, info: Info, *fieldpaths: str) -> Info:
+        self._check_open()
+        with self._ms.transaction(write=True) as txn:
+            updated = metastore.update_info(txn, info, *fieldpaths)
+            sid = metastore.get_info(txn, updated.name)[0] if self._upperdir_label else ""
+        return self._with_upperdir(sid, updated)
+
+    def usage(self, key: str) -> Usage:
+        self._check_open()
+        with self._ms.transaction(write=False) as txn:
+            sid, info, usage = metastore.get_info(txn, key)
+        if info.kind is not Kind.ACTIVE:
+            return usage
+        try:
+            result = _native.disk_usage(self._upper(sid))
+        except FileNotFoundError as exc:
+            raise NotFoundError(f"snapshot {key!r}: its directory is gone ({exc})") from exc
+        return Usage(result.entries, result.bytes)
+
+    def mounts(self, key: str) -> list[Mount]:
+        self._check_open()
+        with self._ms.transaction(write=False) as txn:
+            snap = metastore.get_snapshot(txn, key)
+        return compute_mounts(self._config, snap)
+
+    def walk(self, fn: WalkFunc, *filters: str) -> None:
+        """Call ``fn`` for each snapshot matching any filter, in key order.
+
+        The matches are read in one read transaction and ``fn`` runs after it
+        ends, so ``fn`` may call anything (stat, prepare, remove).
+        """
+        self._check_open()
+        found: list[tuple[str, Info]] = []
+        with self._ms.transaction(write=False) as txn:
+
+            def collect(info: Info) -> None:
+                sid = metastore.get_info(txn, info.name)[0] if self._upperdir_label else ""
+                found.append((sid, info))
+
+            metastore.walk_info(txn, collect, *filters)
+        for sid, info in found:
+            fn(self._with_upperdir(sid, info))
+
+    # ----------------------------------------------------------------- create
+
+    def prepare(
+        self, key: str, parent: str = "", labels: Mapping[str, str] | None = None
+    ) -> list[Mount]:
+        return self._create(Kind.ACTIVE, key, parent, labels)
+
+    def view(
+        self, key: str, parent: str = "", labels: Mapping[str, str] | None = None
+    ) -> list[Mount]:
+        return self._create(Kind.VIEW, key, parent, labels)
+
+    def _shared_target(self, txn: metastore.Txn, labels: Mapping[str, str], parent: str) -> None:
+        """Remote/shared snapshots: a committed snapshot with the same target
+        reference and parent already exists → AlreadyExists, create nothing."""
+        target = labels.get(LABEL_SNAPSHOT_REF)
+        if not target:
+            return
+        hits: list[str] = []
+
+        def match(info: Info) -> None:
+            if (info.kind is Kind.COMMITTED and info.parent == parent
+                    and info.labels.get(LABEL_SNAPSHOT_REF) == target):
+                hits.append(info.name)
+
+        metastore.walk_info(txn, match)
+        if hits:
+            raise AlreadyExistsError(
+                f"target snapshot {target!r} (parent {parent!r}) exists as {hits[0]!r}: "
+                "already exists"
+            )
+
+    def _create(
+        self, kind: Kind, key: str, parent: str, labels: Mapping[str, str] | None
+    ) -> list[Mount]:
+        self._check_open()
+        check_labels(labels)
+        with self._ms.transaction(write=True) as txn:
+            if labels:
+                self._shared_target(txn, labels, parent)
+            temp = tempfile.mkdtemp(prefix="new-", dir=self._snapshots)
+            final: str | None = None
+            try:
+                os.mkdir(os.path.join(temp, "fs"), 0o755)
+                os.chmod(os.path.join(temp, "fs"), 0o755)  # whatever the umask
+                if kind is Kind.ACTIVE:
+                    os.mkdir(os.path.join(temp, "work"), 0o711)
+                    os.chmod(os.path.join(temp, "work"), 0o711)
+                snap = metastore.create_snapshot(txn, kind, key, parent, labels)
+                if snap.parent_ids:
+                    st = os.lstat(self._upper(snap.parent_ids[0]))
+                    os.lchown(os.path.join(temp, "fs"), st.st_uid, st.st_gid)
+                final = os.path.join(self._snapshots, snap.id)
+                self._claim(final)
+                _native.renameat2(temp, final, _native.RenameFlag.NOREPLACE)
+            except BaseException:
+                # Still under the lock: nobody else can be using these paths.
+                self._discard_now(final if final and os.path.lexists(final) else temp)
+                if final and os.path.lexists(temp):
+                    self._discard_now(temp)
+                raise
+        # After the commit: a failed commit leaves <id> behind as an orphan,
+        # which cleanup (or the next create of that id) handles under the lock.
+        return compute_mounts(self._config, snap)
+
+    def _claim(self, path: str) -> None:
+        """Under the write lock: a directory already at a fresh id's path is
+        a crash leftover (its create never committed).  Move it to the trash."""
+        if os.path.lexists(path):
+            log.warning("moving stale %s (left by an interrupted create) to the trash", path)
+            self._to_trash(path)
+
+    def _discard_now(self, path: str) -> None:
+        with contextlib.suppress(OSError):
+            _native.remove_tree(path)
+
+    # ------------------------------------------------------------ commit/remove
+
+    def commit(
+        self,
+        name: str,
+        key: str,
+        labels: Mapping[str, str] | None = None,
+        parent: str = "",
+    ) -> None:
+        self._check_open()
+        check_labels(labels)
+        # Usage is measured before taking the write lock (a big layer's walk
+        # must not stall every prepare); the id check below makes sure it is
+        # still the same snapshot.
+        with self._ms.transaction(write=False) as txn:
+            sid, info, _ = metastore.get_info(txn, key)
+        usage = Usage()
+        if info.kind is Kind.ACTIVE:
+            try:
+                result = _native.disk_usage(self._upper(sid))
+            except FileNotFoundError as exc:
+                raise NotFoundError(f"snapshot {key!r}: its directory is gone ({exc})") from exc
+            usage = Usage(result.entries, result.bytes)
+        with self._ms.transaction(write=True) as txn:
+            try:
+                now_sid = metastore.get_info(txn, key)[0]
+            except NotFoundError:
+                now_sid = sid  # commit_active raises the right error, in SPEC's order
+            if now_sid != sid:
+                # removed and prepared again meanwhile: measure the new one (rare)
+                result = _native.disk_usage(self._upper(now_sid))
+                usage = Usage(result.entries, result.bytes)
+            metastore.commit_active(txn, key, name, usage, labels, parent)
+
+    def remove(self, key: str) -> None:
+        self._check_open()
+        with self._ms.transaction(write=True) as txn:
+            metastore.remove(txn, key)
+        if self._sync_remove:
+            self.cleanup()
+
+    # ----------------------------------------------------------------- cleanup
+
+    def _fs_path(self) -> tuple[str, str] | None:
+        """(device, path of snapshots/ inside its filesystem), for matching
+        bind mounts in mountinfo."""
+        try:
+            table = mount_table()
+        except OSError:
+            return None
+        real = os.path.realpath(self._snapshots)
+        best: MountInfo | None = None
+        for m in table:
+            t = m.target.rstrip("/") or "/"
+            if (real == t or real.startswith(t.rstrip("/") + "/")) and (
+                best is None or len(t) >= len(best.target)
+            ):
+                best = m
+        if best is None:
+            return None
+        inside = os.path.relpath(real, best.target)
+        path = os.path.normpath(os.path.join(best.root, inside))
+        return best.device, path
+
+    def _busy(self, names: Iterable[str]) -> dict[str, str]:
+        """Orphans something still uses: a mount inside, an overlay layer, the
+        source of a bind mount.  name → what uses it."""
+        wanted = set(names)
+        if not wanted:
+            return {}
+        busy: dict[str, str] = {}
+        snapshots = os.path.realpath(self._snapshots)
+        fs = self._fs_path()
+
+        def owner(path: str, base: str) -> str | None:
+            if not (path == base or path.startswith(base.rstrip("/") + "/")):
+                return None
+            rest = os.path.relpath(path, base).split("/", 1)[0]
+            return rest if rest in wanted else None
+
+        for m in mount_table():
+            hits = {owner(m.target, snapshots)}
+            for p in m.layer_paths():
+                if p.startswith("/"):
+                    hits.add(owner(p, snapshots))
+                else:
+                    # a relative layer path: we cannot know its base, so
+                    # any orphan it could name counts as busy
+                    first = os.path.normpath(p).split("/", 1)[0]
+                    hits.add(first if first in wanted else None)
+            if fs is not None and m.device == fs[0] and m.root != "/":
+                hits.add(owner(m.root, fs[1]))
+            for h in hits - {None}:
+                assert h is not None
+                busy.setdefault(h, f"{m.fstype} mount at {m.target}")
+        return busy
+
+    def _to_trash(self, path: str) -> str:
+        name = os.path.basename(path)
+        while True:
+            dest = os.path.join(self._trash, f"{name}.{secrets.token_hex(6)}")
+            try:
+                _native.renameat2(path, dest, _native.RenameFlag.NOREPLACE)
+                return dest
+            except FileExistsError:
+                continue
+
+    def collect_orphans(self) -> tuple[int, list[tuple[str, int]]]:
+        """Under the write lock, move every orphan into the trash: O(1) each.
+
+        Returns (orphans moved, busy orphans left in place as (path, errno)).
+        """
+        self._check_open()
+        moved = 0
+        busy: list[tuple[str, int]] = []
+        with self._ms.transaction(write=True) as txn:
+            live = set(metastore.id_map(txn))
+            orphans = [e for e in os.listdir(self._snapshots) if e not in live]
+            in_use = self._busy(orphans)
+            for name in orphans:
+                path = os.path.join(self._snapshots, name)
+                if name in in_use:
+                    log.info("orphan %s is busy (%s): left for the next cleanup",
+                             path, in_use[name])
+                    busy.append((path, errno.EBUSY))
+                    continue
+                try:
+                    self._to_trash(path)
+                    moved += 1
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    busy.append((path, exc.errno or errno.EIO))
+            # The txn only served as the lock: its commit writes nothing.
+        return moved, busy
+
+    def trash_backlog(self) -> int:
+        """Directories waiting in the trash."""
+        try:
+            return len(os.listdir(self._trash))
+        except FileNotFoundError:
+            return 0
+
+    def empty_trash(self, progress: Progress | None = None) -> CleanupReport:
+        """Delete everything in the trash (no lock held).  Entries that cannot
+        go entirely (an immutable file, a mount) stay, reported, for the next
+        time.  Safe to run from several threads or processes at once."""
+        with self._trash_lock:
+            entries = sorted(os.listdir(self._trash))
+            removed = count = size = 0
+            failed: list[tuple[str, int]] = []
+            for done, name in enumerate(entries, 1):
+                path = os.path.join(self._trash, name)
+                try:
+                    result = _native.remove_tree(path, threads=self._trash_threads,
+                                                 count_bytes=True)
+                except FileNotFoundError:
+                    result = _native.TreeResult(0, 0)
+                except NotADirectoryError:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+                    result = _native.TreeResult(1, 0)
+                except OSError as exc:
+                    failed.append((path, exc.errno or errno.EIO))
+                    result = _native.TreeResult(0, 0)
+                count += result.entries
+                size += result.bytes
+                if result.errors:
+                    failed.extend((os.path.join(path, p), e) for p, e in result.errors)
+                elif not os.path.lexists(path):
+                    removed += 1
+                if progress is not None:
+                    progress(done, len(entries))
+        return CleanupReport(removed, count, size, tuple(failed))
+
+    def cleanup(self, progress: Progress | None = None) -> CleanupReport:
+        """Reclaim every orphan: move them to the trash under the lock, then
+        delete the trash without it (the trash left by a crash included)."""
+        _, busy = self.collect_orphans()
+        report = self.empty_trash(progress)
+        return CleanupReport(report.directories, report.entries, report.bytes,
+                             (*busy, *report.busy))
+
+    # ------------------------------------------------------------------- close
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._ms.close()
