@@ -421,15 +421,20 @@ class OverlaySnapshotter:
         except FileNotFoundError:
             return 0
 
-    def empty_trash(self, progress: Progress | None = None) -> CleanupReport:
+    def empty_trash(
+        self, progress: Progress | None = None, stop: Callable[[], bool] | None = None
+    ) -> CleanupReport:
         """Delete everything in the trash (no lock held).  Entries that cannot
         go entirely (an immutable file, a mount) stay, reported, for the next
-        time.  Safe to run from several threads or processes at once."""
+        time.  Safe to run from several threads or processes at once.
+        ``stop`` is asked between entries; when true the rest waits."""
         with self._trash_lock:
             entries = sorted(os.listdir(self._trash))
             removed = count = size = 0
             failed: list[tuple[str, int]] = []
             for done, name in enumerate(entries, 1):
+                if stop is not None and stop():
+                    break
                 path = os.path.join(self._trash, name)
                 try:
                     result = _native.remove_tree(path, threads=self._trash_threads,
@@ -460,6 +465,13 @@ class OverlaySnapshotter:
         report = self.empty_trash(progress)
         return CleanupReport(report.directories, report.entries, report.bytes,
                              (*busy, *report.busy))
+
+    def store_stats(self) -> tuple[int, int]:
+        """(bytes used, map size) of the metadata store."""
+        self._check_open()
+        with self._ms.transaction(write=False) as txn:
+            st = metastore.stats(txn)
+        return st.used_bytes, st.map_size
 
     # ------------------------------------------------------------------- close
 

@@ -1,0 +1,1 @@
+"""The gRPC side: servicers, the exception ↔ status table, the daemon."""

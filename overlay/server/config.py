@@ -1,0 +1,129 @@
+"""The daemon's configuration: a TOML file, then command-line overrides.
+
+A missing *default* config file means defaults; a missing file that was asked
+for by name is an error.  Unknown keys and wrong types are refused with the
+key named, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from overlay.errors import InvalidArgumentError
+
+__all__ = ["DEFAULT_CONFIG_PATH", "Config", "load_config"]
+
+DEFAULT_CONFIG_PATH = "/etc/overlay-snapshotter/config.toml"
+
+_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    #: the snapshotter's root directory
+    root: str = "/var/lib/overlay-snapshotter"
+    #: the unix socket containerd's proxy_plugins.<name>.address points at
+    address: str = "/run/overlay-snapshotter/overlay.sock"
+    #: delete right after remove instead of at cleanup
+    sync_remove: bool = False
+    #: add containerd.io/snapshot/overlay.upperdir to Stat/Update/List results
+    upperdir_label: bool = False
+    #: extra options for overlay mounts (never for bind mounts)
+    mount_options: tuple[str, ...] = ()
+    log_level: str = "info"
+    #: host:port for Prometheus metrics; "" disables them
+    metrics_address: str = ""
+    #: threads deleting the trash in the background
+    cleanup_threads: int = 2
+    #: gRPC worker threads
+    workers: int = 16
+
+    def validate(self) -> Config:
+        if not os.path.isabs(self.root):
+            raise InvalidArgumentError(f"config root {self.root!r} must be an absolute path")
+        address = self.address.removeprefix("unix://")
+        if not os.path.isabs(address):
+            raise InvalidArgumentError(
+                f"config address {self.address!r} must be an absolute unix socket path"
+            )
+        if self.log_level.lower() not in _LEVELS:
+            raise InvalidArgumentError(
+                f"config log_level {self.log_level!r} must be one of {', '.join(_LEVELS)}"
+            )
+        if self.metrics_address:
+            _host, sep, port = self.metrics_address.rpartition(":")
+            if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+                raise InvalidArgumentError(
+                    f"config metrics_address {self.metrics_address!r} must be host:port"
+                )
+        for name in ("cleanup_threads", "workers"):
+            if getattr(self, name) < 1:
+                raise InvalidArgumentError(f"config {name} must be at least 1")
+        return replace(self, address=address)
+
+    @property
+    def log_level_number(self) -> int:
+        return int(getattr(logging, self.log_level.upper()))
+
+
+_TYPES: dict[str, type] = {
+    "root": str,
+    "address": str,
+    "sync_remove": bool,
+    "upperdir_label": bool,
+    "mount_options": list,
+    "log_level": str,
+    "metrics_address": str,
+    "cleanup_threads": int,
+    "workers": int,
+}
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    want = _TYPES.get(key)
+    if want is None:
+        known = ", ".join(sorted(_TYPES))
+        raise InvalidArgumentError(f"{source}: unknown key {key!r} (known keys: {known})")
+    if want is int and isinstance(value, bool):
+        raise InvalidArgumentError(f"{source}: {key} must be an integer, not {value!r}")
+    if not isinstance(value, want):
+        raise InvalidArgumentError(
+            f"{source}: {key} must be a {want.__name__}, not {type(value).__name__} {value!r}"
+        )
+    if isinstance(value, list):
+        if not all(isinstance(v, str) for v in value):
+            raise InvalidArgumentError(f"{source}: {key} must be a list of strings")
+        return tuple(value)
+    return value
+
+
+def load_config(
+    path: str | None = None, overrides: Mapping[str, Any] | None = None
+) -> Config:
+    """Defaults, then the TOML file (``path`` or the default location), then
+    ``overrides`` (command-line flags; ``None`` values are ignored)."""
+    values: dict[str, Any] = {}
+    source = path or DEFAULT_CONFIG_PATH
+    try:
+        with open(source, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        if path is not None:
+            raise InvalidArgumentError(f"config file {path!r} does not exist") from None
+        data = {}
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidArgumentError(f"config file {source!r} is not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise InvalidArgumentError(f"cannot read config file {source!r}: {exc}") from exc
+    for key, value in data.items():
+        values[key] = _coerce(key, value, f"config file {source!r}")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = _coerce(key, value, "command line")
+    names = {f.name for f in fields(Config)}
+    return Config(**{k: v for k, v in values.items() if k in names}).validate()

@@ -1,0 +1,224 @@
+"""``ovl serve``: the proxy snapshotter daemon containerd talks to.
+
+Start-up: open the snapshotter (probing the kernel), listen on the unix
+socket (mode 0660, owned by root; a stale socket file is replaced, a live
+one refused) or on the socket systemd passed (LISTEN_FDS), then tell systemd
+READY=1 (Type=notify).  SIGTERM/SIGINT: stop taking calls, drain the ones
+in flight, close the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import socket
+import threading
+from types import FrameType
+
+import grpc
+
+from overlay.errors import InvalidArgumentError
+from overlay.overlayfs import OverlaySnapshotter
+from overlay.server.cleaner import DeferredCleanup
+from overlay.server.config import Config
+from overlay.server.metrics import Metrics
+from overlay.server.snapshots import make_server
+
+__all__ = ["Daemon", "serve"]
+
+log = logging.getLogger(__name__)
+
+#: seconds in-flight calls get to finish on shutdown
+DRAIN_SECONDS = 30.0
+SD_LISTEN_FDS_START = 3
+
+
+def sd_notify(state: str) -> bool:
+    """Send ``state`` to systemd's NOTIFY_SOCKET, if there is one."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        try:
+            s.connect(address)
+            s.sendall(state.encode())
+        except OSError as exc:
+            log.warning("cannot notify systemd (%s): %s", address, exc)
+            return False
+    return True
+
+
+def listen_fds() -> list[socket.socket]:
+    """Sockets passed by systemd socket activation (LISTEN_FDS/LISTEN_PID)."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    count = int(os.environ.get("LISTEN_FDS", "0") or 0)
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    socks = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
+        os.set_inheritable(fd, False)
+        socks.append(socket.socket(fileno=fd))
+    return socks
+
+
+class _ActivationProxy:
+    """Serves an inherited listening socket by relaying each connection to
+    the gRPC server's private abstract socket (grpcio cannot adopt a listening
+    descriptor).  The relay copies bytes both ways; it adds no framing."""
+
+    def __init__(self, listener: socket.socket, backend_address: str) -> None:
+        self._listener = listener
+        self._backend = backend_address
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name="ovl-activation", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._closing.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                if self._closing.is_set():
+                    return
+                continue
+            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                upstream.connect(self._backend)
+            except OSError as exc:
+                log.error("activation relay cannot reach the gRPC server: %s", exc)
+                conn.close()
+                upstream.close()
+                continue
+            for src, dst in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(OSError):
+                src.shutdown(socket.SHUT_RD)
+
+    def close(self) -> None:
+        self._closing.set()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        self._thread.join(timeout=5)
+
+
+class Daemon:
+    """The running daemon: start() it, stop() it (from any thread)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self._server: grpc.Server | None = None
+        self._proxy: _ActivationProxy | None = None
+        self._http: object | None = None
+        self._socket_path: str | None = None
+        self.backend: DeferredCleanup | None = None
+
+    def start(self) -> None:
+        cfg = self.config
+        snapshotter = OverlaySnapshotter(
+            cfg.root, sync_remove=cfg.sync_remove, upperdir_label=cfg.upperdir_label,
+            mount_options=cfg.mount_options, trash_threads=cfg.cleanup_threads,
+        )
+        self.backend = DeferredCleanup(snapshotter, self.metrics)
+        self.metrics.watch(self.backend, snapshotter.store_stats)
+        try:
+            activated = listen_fds()
+            interceptors = [self.metrics.interceptor()]
+            if activated:
+                if len(activated) != 1:
+                    raise InvalidArgumentError(
+                        f"socket activation passed {len(activated)} sockets; expected one"
+                    )
+                private = f"overlay-snapshotter-{os.getpid()}-{secrets.token_hex(4)}"
+                self._server = make_server(
+                    self.backend, "unix-abstract:" + private, max_workers=cfg.workers,
+                    interceptors=interceptors,
+                )
+                self._server.start()
+                self._proxy = _ActivationProxy(activated[0], "\0" + private)
+                log.info("serving on the socket passed by systemd")
+            else:
+                old = os.umask(0o117)  # the socket is born 0660, never wider
+                try:
+                    self._server = make_server(self.backend, cfg.address,
+                                               max_workers=cfg.workers,
+                                               interceptors=interceptors)
+                finally:
+                    os.umask(old)
+                self._server.start()
+                self._socket_path = cfg.address
+                os.chown(cfg.address, 0, 0)
+                os.chmod(cfg.address, 0o660)
+                log.info("serving on %s (root %s)", cfg.address, cfg.root)
+            if cfg.metrics_address:
+                self._http = self.metrics.serve(cfg.metrics_address)
+                log.info("metrics on http://%s/metrics", cfg.metrics_address)
+        except BaseException:
+            self.stop()
+            raise
+        sd_notify("READY=1")
+
+    def stop(self, grace: float = DRAIN_SECONDS) -> None:
+        sd_notify("STOPPING=1")
+        if self._proxy is not None:
+            self._proxy.close()
+            self._proxy = None
+        if self._server is not None:
+            self._server.stop(grace).wait()
+            self._server = None
+        if self._http is not None:
+            shutdown = getattr(self._http, "shutdown", None)
+            if shutdown is not None:
+                shutdown()
+            self._http = None
+        if self._socket_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._socket_path)
+            self._socket_path = None
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+
+
+def serve(config: Config) -> int:
+    """Run the daemon until SIGTERM or SIGINT; returns the exit status."""
+    logging.basicConfig(
+        level=config.log_level_number,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    done = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        done.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    daemon = Daemon(config)
+    try:
+        daemon.start()
+        done.wait()
+        log.info("signal %s: draining in-flight calls", signal.Signals(received[0]).name)
+    finally:
+        daemon.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 0

@@ -1,0 +1,161 @@
+"""Prometheus metrics for the daemon (prometheus-client).
+
+* ``overlay_rpc_duration_seconds{method}``: latency histogram per RPC;
+* ``overlay_rpc_requests_total{method,code}``: calls by status code (errors
+  are the codes other than OK);
+* ``overlay_cleanup_backlog_directories`` / ``_bytes``: orphans moved to the
+  trash and not yet deleted;
+* ``overlay_snapshots{kind}``: snapshots by kind, read at scrape time;
+* ``overlay_metadata_bytes{what="used"|"map_size"}``: LMDB map use.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import start_http_server
+from prometheus_client.registry import Collector
+
+from overlay.snapshots import Info, Kind, Snapshotter
+
+__all__ = ["Metrics"]
+
+_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class _StateCollector(Collector):
+    def __init__(self, backend: Snapshotter, store: Callable[[], tuple[int, int]] | None) -> None:
+        self._backend = backend
+        self._store = store
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        counts = dict.fromkeys((Kind.ACTIVE, Kind.VIEW, Kind.COMMITTED), 0)
+
+        def count(info: Info) -> None:
+            counts[info.kind] = counts.get(info.kind, 0) + 1
+
+        snapshots = GaugeMetricFamily("overlay_snapshots", "Snapshots by kind", labels=["kind"])
+        try:
+            self._backend.walk(count)
+        except Exception:  # a scrape must not fail because the store is closing
+            return
+        for kind, n in counts.items():
+            snapshots.add_metric([kind.filter_value], n)
+        yield snapshots
+        if self._store is not None:
+            used, size = self._store()
+            meta = GaugeMetricFamily("overlay_metadata_bytes", "LMDB map use", labels=["what"])
+            meta.add_metric(["used"], used)
+            meta.add_metric(["map_size"], size)
+            yield meta
+
+
+class Metrics:
+    """The daemon's metrics on their own registry (tests can read it)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.rpc_duration = Histogram(
+            "overlay_rpc_duration_seconds", "RPC latency", ["method"],
+            buckets=_BUCKETS, registry=self.registry,
+        )
+        self.rpc_requests = Counter(
+            "overlay_rpc_requests", "RPCs by status code", ["method", "code"],
+            registry=self.registry,
+        )
+        self.backlog_directories = Gauge(
+            "overlay_cleanup_backlog_directories",
+            "Orphan directories in the trash, not yet deleted", registry=self.registry,
+        )
+        self.backlog_bytes = Gauge(
+            "overlay_cleanup_backlog_bytes",
+            "Bytes held by orphans in the trash, not yet deleted", registry=self.registry,
+        )
+        self.reclaimed_bytes = Counter(
+            "overlay_cleanup_reclaimed_bytes", "Bytes freed by cleanup", registry=self.registry,
+        )
+
+    def watch(self, backend: Snapshotter,
+              store: Callable[[], tuple[int, int]] | None = None) -> None:
+        """Report snapshot counts (and LMDB use) of ``backend`` at scrape time."""
+        self.registry.register(_StateCollector(backend, store))
+
+    def serve(self, address: str) -> Any:
+        """Expose /metrics on ``host:port``; returns the HTTP server."""
+        host, _, port = address.rpartition(":")
+        server, _thread = start_http_server(int(port), addr=host or "0.0.0.0",
+                                            registry=self.registry)
+        return server
+
+    def observe(self, method: str, code: str, seconds: float) -> None:
+        self.rpc_duration.labels(method).observe(seconds)
+        self.rpc_requests.labels(method, code).inc()
+
+    def interceptor(self) -> grpc.ServerInterceptor:
+        return _Interceptor(self)
+
+
+def _code(context: grpc.ServicerContext, default: str) -> str:
+    code = context.code()
+    if code is None:
+        return default
+    return str(getattr(code, "name", code))
+
+
+class _Interceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    def intercept_service(
+        self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails
+    ) -> Any:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        method = str(details.method).rsplit("/", 1)[-1]
+        m = self._m
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            def unary(request: Any, context: grpc.ServicerContext) -> Any:
+                start = time.perf_counter()
+                code = "UNKNOWN"
+                try:
+                    response = inner(request, context)
+                    code = _code(context, "OK")
+                    return response
+                except BaseException:
+                    code = _code(context, "UNKNOWN")
+                    raise
+                finally:
+                    m.observe(method, code, time.perf_counter() - start)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                start = time.perf_counter()
+                code = "UNKNOWN"
+                try:
+                    yield from inner_stream(request, context)
+                    code = _code(context, "OK")
+                except BaseException:
+                    code = _code(context, "CANCELLED")
+                    raise
+                finally:
+                    m.observe(method, code, time.perf_counter() - start)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
