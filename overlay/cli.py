@@ -1,0 +1,453 @@
+"""``ovl``: the daemon and a ``ctr snapshots``-like command line.
+
+Every command works either in-process on a root directory (``--root``) or
+against a running daemon (``--address``, the default socket when neither is
+given).  ``main(argv)`` returns the exit status, so tests call it directly.
+
+Exit status: 0 success; 1 an unexpected failure; 2 bad usage; and for the
+typed errors: 3 not found, 4 already exists, 5 failed precondition (also:
+unsupported kernel or filesystem), 6 invalid argument, 7 unavailable (no
+daemon, closed store).  Errors go to stderr as ``ovl: <message>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any, TextIO
+
+from overlay import errors
+from overlay.mount import Mount, mount_all, unmount_all
+from overlay.snapshots import CleanupReport, Info, Snapshotter
+
+__all__ = ["EXIT_CODES", "main", "main_entry"]
+
+DEFAULT_ADDRESS = "/run/overlay-snapshotter/overlay.sock"
+
+EXIT_CODES: dict[type[errors.OverlayError], int] = {
+    errors.NotFoundError: 3,
+    errors.AlreadyExistsError: 4,
+    errors.FailedPreconditionError: 5,
+    errors.InvalidArgumentError: 6,
+    errors.UnavailableError: 7,
+}
+
+
+def _exit_code(exc: errors.OverlayError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in EXIT_CODES:
+            return EXIT_CODES[cls]
+    return 1
+
+
+# --------------------------------------------------------------------- output
+
+
+def _ts(ns: int) -> str:
+    secs, frac = divmod(ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{frac:09d}Z"
+
+
+def _info_json(info: Info) -> dict[str, Any]:
+    # ctr's JSON form: Kind as its String(), timestamps RFC 3339 with nanoseconds
+    out: dict[str, Any] = {"Kind": str(info.kind), "Name": info.name}
+    if info.parent:
+        out["Parent"] = info.parent
+    if info.labels:
+        out["Labels"] = dict(sorted(info.labels.items()))
+    out["Created"] = _ts(info.created_ns)
+    out["Updated"] = _ts(info.updated_ns)
+    return out
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{size} B"
+        value /= 1024
+    return f"{size} B"  # pragma: no cover
+
+
+def _table(out: TextIO, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [len(h) for h in header]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    for row in (header, *rows):
+        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        out.write("\n")
+
+
+def _mount_command(m: Mount, target: str) -> str:
+    # ctr's `snapshots mounts` form: a shell command that mounts it
+    opts = f" -o {','.join(m.options)}" if m.options else ""
+    return f"mount -t {m.type} {m.source} {target}{opts}"
+
+
+def _labels(pairs: Sequence[str]) -> dict[str, str]:
+    labels = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise errors.InvalidArgumentError(f"label {pair!r} must be key=value")
+        labels[key] = value
+    return labels
+
+
+class _Progress:
+    """A one-line progress bar on a terminal; silent elsewhere."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._on = stream.isatty()
+        self._started = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self._on or time.monotonic() - self._started < 0.5:
+            return
+        width = 30
+        filled = width * done // max(total, 1)
+        self._stream.write(f"\rreclaiming [{'#' * filled}{' ' * (width - filled)}] {done}/{total}")
+        self._stream.flush()
+        if done == total:
+            self._stream.write("\n")
+
+
+# ------------------------------------------------------------------- backends
+
+
+@contextlib.contextmanager
+def _open(args: argparse.Namespace) -> Iterator[Snapshotter]:
+    if args.root:
+        from overlay.overlayfs import OverlaySnapshotter
+
+        local = OverlaySnapshotter(args.root)
+        try:
+            yield local
+        finally:
+            local.close()
+        return
+    from overlay.client import RemoteSnapshotter
+
+    address = args.address or DEFAULT_ADDRESS
+    if not os.path.exists(address.removeprefix("unix://")):
+        raise errors.UnavailableError(
+            f"no daemon socket at {address!r}: start `ovl serve`, or pass --address SOCKET "
+            "or --root DIR"
+        )
+    remote = RemoteSnapshotter(address, namespace=args.namespace, timeout=args.timeout)
+    try:
+        yield remote
+    finally:
+        remote.close()
+
+
+# ------------------------------------------------------------------- commands
+
+
+def _cmd_ls(sn: Snapshotter, args: argparse.Namespace, out: TextIO) -> int:
+    infos: list[Info] = []
+    sn.walk(infos.append, *args.filters)
+    if args.format == "json":
+        json.dump([_info_json(i) for i in infos], out, indent=2)
+        out.write("\n")
+    else:
+        _table(out, ("KEY", "PARENT", "KIND"), [(i.name, i.parent, str(i.kind)) for i in infos])
+    return 0
+
+
+def _cmd_tree(sn: Snapshotter, args: argparse.Namespace, out: TextIO) -> int:
+    infos: list[Info] = []
+    sn.walk(infos.append)
+    names = {i.name for i in infos}
+    children: dict[str, list[Info]] = {}
+    for i in infos:
+        # a parent outside the list (cannot happen in one store) shows as a root
+        children.setdefault(i.parent if i.parent in names else "", []).append(i)
+
+    def node(i: Info) -> dict[str, Any]:
+        return {"name": i.name, "kind": str(i.kind),
+                "children": [node(c) for c in children.get(i.name, [])]}
+
+    roots = children.get("", [])
+    if args.format == "json":
+        json.dump([node(r) for r in roots], out, indent=2)
+        out.write("\n")
+        return 0
+
+    def show(i: Info, prefix: str, last: bool, top: bool) -> None:
+        branch = "" if top else ("└── " if last else "├── ")
+        out.write(f"{prefix}{branch}{i.name} ({str(i.kind).lower()})\n")
+        kids = children.get(i.name, [])
+        pad = "" if top else ("    " if last else "│   ")
+        for n, c in enumerate(kids):
+            show(c, prefix + pad, n == len(kids) - 1, False)
+
+    for r in roots:
+        show(r, "", True, True)
+    return 0
+
+
+def _cmd_info(sn: Snapshotter, args: argparse.Namespace, out: TextIO) -> int:
+    json.dump(_info_json(sn.stat(args.key)), out, indent=4)
+    out.write("\n")
+    return 0
+
+
+def _cmd_usage(sn: Snapshotter, args: argparse.Namespace, out: TextIO) -> int:
+    keys = list(args.keys)
+    if not keys:
+        infos: list[Info] = []
+        sn.walk(infos.append)
+        keys = [i.name for i in infos]
+    rows = [(k, sn.usage(k)) for k in keys]
+    if args.format == "json":
+        json.dump([{"key": k, "size": u.size, "inodes": u.inodes} for k, u in rows], out,
+                  indent=2)
+        out.write("\n")
+    else:
+        _table(out, ("KEY", "SIZE", "INODES"),
+               [(k, _human(u.size), str(u.inodes)) for k, u in rows])
+    return 0
+
+
+def _print_mounts(mounts: Sequence[Mount], args: argparse.Namespace, out: TextIO,
+                  target: str = "<target>") -> None:
+    if args.format == "json":
+        json.dump([{"type": m.type, "source": m.source, "target": m.target,
+                    "options": list(m.options)} for m in mounts], out, indent=2)
+        out.write("\n")
+    else:
+        for m in mounts:
+            out.write(_mount_command(m, target) + "\n")
+
+
+def _cmd_prepare(sn: Snapshotter, args: argparse.Namespace, out: TextIO) -> int:
+    create = sn.view if args.command == "view" else sn.prepare
+    mounts = create(args.key, args.parent, _labels(args.label) or None)
+    _print_mounts(mounts, args, out)
+    return 0
+
+
+def _cmd_commit(sn: Snapshotter, args: argparse.Namespace, out: TextIO) -> int:
+    sn.commit(args.name, args.key, _labels(args.label) or None)
+    return 0
+
+
+def _cmd_rm(sn: Snapshotter, args: argparse.Namespace, out: TextIO) -> int:
+    for key in args.keys:
+        sn.remove(key)
+    return 0
+
+
+def _cmd_label(sn: Snapshotter, args: argparse.Namespace, out: TextIO) -> int:
+    # ctr's semantics: key=value sets, key= removes; no pairs prints them
+    info = sn.stat(args.key)
+    if args.labels:
+        changes = _labels(args.labels)
+        paths = [f"labels.{k}" for k in changes]
+        info = sn.update(Info(info.kind, info.name, info.parent, changes), *paths)
+    if args.format == "json":
+        json.dump(dict(sorted(info.labels.items())), out, indent=2)
+        out.write("\n")
+    else:
+        for k, v in sorted(info.labels.items()):
+            out.write(f"{k}={v}\n")
+    return 0
+
+
+def _cmd_mounts(sn: Snapshotter, args: argparse.Namespace, out: TextIO) -> int:
+    _print_mounts(sn.mounts(args.key), args, out, args.target)
+    return 0
+
+
+def _cmd_mount(sn: Snapshotter, args: argparse.Namespace, out: TextIO) -> int:
+    mounts = sn.mounts(args.key)
+    try:
+        mount_all(mounts, args.target)
+    except OSError as exc:
+        raise errors.FailedPreconditionError(f"mount {args.key!r} at {args.target!r}: {exc}"
+                                             ) from exc
+    return 0
+
+
+def _cmd_umount(args: argparse.Namespace, out: TextIO) -> int:
+    try:
+        unmount_all(args.target, lazy=args.lazy)
+    except OSError as exc:
+        raise errors.FailedPreconditionError(f"unmount {args.target!r}: {exc}") from exc
+    return 0
+
+
+def _cmd_cleanup(sn: Snapshotter, args: argparse.Namespace, out: TextIO) -> int:
+    from overlay.overlayfs import OverlaySnapshotter
+
+    if isinstance(sn, OverlaySnapshotter):
+        _moved, busy = sn.collect_orphans()
+        report = sn.empty_trash(progress=_Progress(sys.stderr))
+        report = CleanupReport(report.directories, report.entries, report.bytes,
+                               (*busy, *report.busy))
+        remote = False
+    else:
+        report = sn.cleanup()
+        remote = True
+    if args.format == "json":
+        json.dump({"directories": report.directories, "entries": report.entries,
+                   "bytes": report.bytes, "background": remote,
+                   "busy": [{"path": p, "errno": e, "error": os.strerror(e)}
+                            for p, e in report.busy]}, out, indent=2)
+        out.write("\n")
+    else:
+        if remote:
+            out.write("cleanup requested: the daemon deletes the orphans in the background\n")
+        else:
+            out.write(f"reclaimed {report.directories} directories, {report.entries} entries, "
+                      f"{_human(report.bytes)}\n")
+        for path, err in report.busy:
+            out.write(f"left in place: {path}: {os.strerror(err)}\n")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from overlay.server.config import load_config
+    from overlay.server.daemon import serve
+
+    overrides = {
+        "root": args.root, "address": args.address,
+        "sync_remove": True if args.sync_remove else None,
+        "upperdir_label": True if args.upperdir_label else None,
+        "mount_options": args.mount_option or None, "log_level": args.log_level,
+        "metrics_address": args.metrics_address,
+    }
+    return serve(load_config(args.config, overrides))
+
+
+# --------------------------------------------------------------------- parser
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ovl", description="overlay: an overlayfs-native container snapshotter",
+        epilog=(__doc__ or "").split("Exit status:", 1)[-1].join(["Exit status:", ""]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="group", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the proxy snapshotter daemon")
+    serve.add_argument("--config", help="TOML config (default /etc/overlay-snapshotter/"
+                       "config.toml; a missing default file means defaults)")
+    serve.add_argument("--root", help="snapshotter root directory")
+    serve.add_argument("--address", help="unix socket to listen on")
+    serve.add_argument("--sync-remove", action="store_true", help="delete at remove time")
+    serve.add_argument("--upperdir-label", action="store_true",
+                       help="report the upperdir label in Stat/Update/List")
+    serve.add_argument("--mount-option", action="append", metavar="OPT",
+                       help="an extra overlay mount option (repeatable)")
+    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    serve.add_argument("--metrics-address", metavar="HOST:PORT",
+                       help="serve Prometheus metrics there")
+
+    def target_opts(parser: argparse.ArgumentParser) -> None:
+        where = parser.add_mutually_exclusive_group()
+        where.add_argument("--root", help="work in-process on this root directory")
+        where.add_argument("--address", help=f"talk to a daemon (default {DEFAULT_ADDRESS})")
+        parser.add_argument("--namespace", help="containerd-namespace header for --address")
+        parser.add_argument("--timeout", type=float, default=None, help="seconds per call")
+        parser.add_argument("--format", choices=("table", "json"), default="table")
+
+    snaps = sub.add_parser("snapshots", aliases=["snapshot", "sn"],
+                           help="manage snapshots (like ctr snapshots)")
+    ssub = snaps.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    c = ssub.add_parser("ls", aliases=["list"], help="list snapshots")
+    c.add_argument("filters", nargs="*", help="containerd filters (any one matches)")
+    target_opts(c)
+    c = ssub.add_parser("tree", help="show the parent/child tree")
+    target_opts(c)
+    c = ssub.add_parser("info", help="show one snapshot as JSON")
+    c.add_argument("key")
+    target_opts(c)
+    c = ssub.add_parser("usage", help="disk usage of snapshots")
+    c.add_argument("keys", nargs="*")
+    target_opts(c)
+    for name, what in (("prepare", "an active snapshot"), ("view", "a read-only view")):
+        c = ssub.add_parser(name, help=f"create {what}")
+        c.add_argument("key")
+        c.add_argument("parent", nargs="?", default="")
+        c.add_argument("--label", action="append", default=[], metavar="K=V")
+        target_opts(c)
+    c = ssub.add_parser("commit", help="commit an active snapshot")
+    c.add_argument("name")
+    c.add_argument("key")
+    c.add_argument("--label", action="append", default=[], metavar="K=V")
+    target_opts(c)
+    c = ssub.add_parser("rm", aliases=["remove", "delete"], help="remove snapshots")
+    c.add_argument("keys", nargs="+")
+    target_opts(c)
+    c = ssub.add_parser("label", help="show or change labels (k=v sets, k= removes)")
+    c.add_argument("key")
+    c.add_argument("labels", nargs="*")
+    target_opts(c)
+    c = ssub.add_parser("mounts", help="print the mount commands for a snapshot")
+    c.add_argument("target")
+    c.add_argument("key")
+    target_opts(c)
+    c = ssub.add_parser("mount", help="mount a snapshot at TARGET")
+    c.add_argument("target")
+    c.add_argument("key")
+    target_opts(c)
+    c = ssub.add_parser("umount", aliases=["unmount"], help="unmount everything at TARGET")
+    c.add_argument("target")
+    c.add_argument("--lazy", action="store_true", help="detach even if busy")
+
+    c = sub.add_parser("cleanup", help="reclaim the disk of removed snapshots")
+    target_opts(c)
+    return p
+
+
+_SNAPSHOT_COMMANDS = {
+    "ls": _cmd_ls, "list": _cmd_ls, "tree": _cmd_tree, "info": _cmd_info,
+    "usage": _cmd_usage, "prepare": _cmd_prepare, "view": _cmd_prepare,
+    "commit": _cmd_commit, "rm": _cmd_rm, "remove": _cmd_rm, "delete": _cmd_rm,
+    "label": _cmd_label, "mounts": _cmd_mounts, "mount": _cmd_mount,
+}
+
+
+def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None) -> int:
+    out = stdout or sys.stdout
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    try:
+        if args.group == "serve":
+            return _cmd_serve(args)
+        if args.group == "cleanup":
+            with _open(args) as sn:
+                return _cmd_cleanup(sn, args, out)
+        if args.command in ("umount", "unmount"):
+            return _cmd_umount(args, out)
+        with _open(args) as sn:
+            return _SNAPSHOT_COMMANDS[args.command](sn, args, out)
+    except errors.OverlayError as exc:
+        print(f"ovl: {exc}", file=sys.stderr)
+        return _exit_code(exc)
+    except OSError as exc:
+        print(f"ovl: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def main_entry() -> None:
+    """The console script."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_entry()
