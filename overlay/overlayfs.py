@@ -41,7 +41,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from overlay import _native, metastore, support
-from overlay.errors import AlreadyExistsError, NotFoundError, UnavailableError
+from overlay.errors import (
+    AlreadyExistsError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnavailableError,
+)
 from overlay.mount import Mount, MountInfo, mount_table
 from overlay.snapshots import (
     LABEL_SNAPSHOT_REF,
@@ -104,6 +109,13 @@ class OverlaySnapshotter:
         mount_options: Sequence[str] = (),
         trash_threads: int = 2,
     ) -> None:
+        if "ro" in mount_options:
+            # containerd's unpacker takes an active mount carrying `ro` for an
+            # already unpacked layer and skips it (SPEC §2.5).
+            raise InvalidArgumentError(
+                "mount option 'ro' would make every active snapshot read-only; "
+                "views are read-only already"
+            )
         support.check_overlay()
         self._root = os.path.abspath(os.fspath(root))
         os.makedirs(self._root, mode=0o700, exist_ok=True)

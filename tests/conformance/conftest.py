@@ -45,6 +45,9 @@ class Backend:
     overlay_family: bool = True
 
 
+from tests.integration.grpc_backend import remote_overlay  # noqa: E402
+
+
 @contextlib.contextmanager
 def _open_overlay(root: Path) -> Iterator[Snapshotter]:
     from overlay.overlayfs import OverlaySnapshotter
@@ -60,6 +63,8 @@ def _open_overlay(root: Path) -> Iterator[Snapshotter]:
 #: talking to the daemon, the namespaced metadata layer) add themselves here.
 BACKENDS: tuple[Backend, ...] = (
     Backend("overlay", _open_overlay),
+    # the same backend through the gRPC client and server, in-process
+    Backend("grpc", remote_overlay),
 )
 
 

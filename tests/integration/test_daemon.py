@@ -1,0 +1,276 @@
+"""``ovl serve`` as a real process: socket, systemd protocol, signals, metrics."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from overlay.client import RemoteSnapshotter
+from overlay.errors import UnavailableError
+from overlay.overlayfs import OverlaySnapshotter
+from overlay.snapshots import Info
+
+SERVE = [sys.executable, "-m", "overlay.cli", "serve"]
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    # unix socket paths are limited to 107 bytes: keep them short
+    d = Path(tempfile.mkdtemp(prefix="ovl-d-", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        for p in d.iterdir():
+            p.unlink()
+        d.rmdir()
+
+
+def wait_for_socket(path: Path, proc: subprocess.Popen[str], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"daemon exited {proc.returncode}: {err}")
+        if path.exists():
+            with socket.socket(socket.AF_UNIX) as s:
+                try:
+                    s.connect(str(path))
+                    return
+                except OSError:
+                    pass
+        time.sleep(0.05)
+    raise AssertionError(f"daemon did not listen on {path} within {timeout}s")
+
+
+def start(args: list[str], **kw: object) -> subprocess.Popen[str]:
+    return subprocess.Popen([*SERVE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kw)  # type: ignore[call-overload]
+
+
+def stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return proc.returncode, err
+
+
+@pytest.fixture
+def daemon(tmpfs: Path, sockdir: Path) -> Iterator[tuple[Path, Path, subprocess.Popen[str]]]:
+    root, sock = tmpfs / "root", sockdir / "ovl.sock"
+    proc = start(["--root", str(root), "--address", str(sock)])
+    try:
+        wait_for_socket(sock, proc)
+        yield root, sock, proc
+    finally:
+        stop(proc)
+
+
+def test_socket_is_0660_root_and_serves(daemon: tuple[Path, Path, subprocess.Popen[str]]
+                                        ) -> None:
+    root, sock, proc = daemon
+    st = os.stat(sock)
+    assert stat.S_ISSOCK(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o660
+    assert (st.st_uid, st.st_gid) == (0, 0)
+    with RemoteSnapshotter(str(sock)) as client:
+        client.prepare("k")
+        client.commit("K", "k")
+        assert client.stat("K").parent == ""
+    code, err = stop(proc)
+    assert code == 0, err
+    assert not sock.exists()
+    # the store was closed cleanly and keeps the data
+    s = OverlaySnapshotter(root)
+    try:
+        assert [i.name for i in _walk(s)] == ["K"]
+    finally:
+        s.close()
+
+
+def _walk(s: OverlaySnapshotter | RemoteSnapshotter) -> list[Info]:
+    out: list[Info] = []
+    s.walk(out.append)
+    return out
+
+
+def test_stale_socket_is_replaced_live_one_refused(tmpfs: Path, sockdir: Path) -> None:
+    sock = sockdir / "ovl.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(sock))
+    stale.close()  # a socket file nobody listens on
+    first = start(["--root", str(tmpfs / "a"), "--address", str(sock)])
+    try:
+        wait_for_socket(sock, first)
+        second = start(["--root", str(tmpfs / "b"), "--address", str(sock)])
+        code, err = stop(second) if second.wait(timeout=30) is None else (second.returncode,
+                                                                         second.stderr.read())
+        assert code == 4, err  # already exists
+        assert "already listening" in err
+        with RemoteSnapshotter(str(sock)) as client:
+            client.prepare("still-first")
+        assert (tmpfs / "a" / "snapshots" / "1").is_dir()
+    finally:
+        code, err = stop(first)
+    assert code == 0, err
+
+
+def test_sigterm_drains_in_flight_calls(daemon: tuple[Path, Path, subprocess.Popen[str]]
+                                        ) -> None:
+    root, sock, proc = daemon
+    with RemoteSnapshotter(str(sock)) as client:
+        client.prepare("big")
+        fs = root / "snapshots" / "1" / "fs"
+        fd = os.open(fs, os.O_RDONLY | os.O_DIRECTORY)
+        for d in range(200):
+            os.mkdir(f"d{d}", dir_fd=fd)
+            for i in range(1000):
+                os.close(os.open(f"d{d}/f{i}", os.O_CREAT | os.O_WRONLY, dir_fd=fd))
+        os.close(fd)
+        results: list[object] = []
+
+        def slow() -> None:
+            try:
+                results.append(client.usage("big"))
+            except Exception as exc:
+                results.append(exc)
+
+        t = threading.Thread(target=slow)
+        t.start()
+        time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        t.join(60)
+        code, err = stop(proc)
+        assert code == 0, err
+        assert len(results) == 1
+        usage = results[0]
+        # either it finished before the signal or it was drained: never cut off
+        assert not isinstance(usage, Exception), usage
+        assert getattr(usage, "inodes", 0) == 200 * 1000 + 200 + 1
+        with pytest.raises(UnavailableError):
+            client.stat("big")
+
+
+def test_systemd_notify_and_socket_activation(tmpfs: Path, sockdir: Path) -> None:
+    notify_path = sockdir / "notify"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.settimeout(30)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    activated = sockdir / "activated.sock"
+    listener.bind(str(activated))
+    listener.listen(16)
+    fd = listener.fileno()
+
+    def as_fd3() -> None:
+        os.dup2(fd, 3)
+        os.set_inheritable(3, True)
+
+    env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "LISTEN_FDS": "1"}
+    # LISTEN_PID must name the daemon itself: set it in a shell that execs it
+    cmd = ["/bin/sh", "-c", 'export LISTEN_PID=$$; exec "$@"', "sh", *SERVE, "--root",
+           str(tmpfs / "root"), "--address", str(sockdir / "unused.sock")]
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=as_fd3, pass_fds=(fd, 3),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    listener.close()
+    try:
+        first = notify.recv(4096)
+        if first != b"READY=1":
+            raise AssertionError(f"{first!r}: {stop(proc)}")
+        assert not (sockdir / "unused.sock").exists()
+        with RemoteSnapshotter(str(activated)) as client:
+            client.prepare("via-activation")
+            assert client.stat("via-activation").name == "via-activation"
+            for i in range(20):
+                client.prepare(f"k{i}")
+            assert len(_walk(client)) == 21
+        proc.send_signal(signal.SIGTERM)
+        assert notify.recv(4096) == b"STOPPING=1"
+    finally:
+        code, err = stop(proc)
+        notify.close()
+    assert code == 0, err
+
+
+def test_metrics(tmpfs: Path, sockdir: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sock = sockdir / "ovl.sock"
+    proc = start(["--root", str(tmpfs / "root"), "--address", str(sock),
+                  "--metrics-address", f"127.0.0.1:{port}"])
+    try:
+        wait_for_socket(sock, proc)
+        with RemoteSnapshotter(str(sock)) as client:
+            client.prepare("a")
+            client.prepare("b")
+            client.commit("B", "b")
+            client.remove("a")
+            with pytest.raises(Exception):
+                client.stat("missing")
+            client.cleanup()
+        deadline = time.monotonic() + 20
+        while True:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+            if "overlay_cleanup_backlog_directories 0.0" in text or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert 'overlay_rpc_duration_seconds_count{method="Prepare"} 2.0' in text
+        assert 'overlay_rpc_requests_total{code="NOT_FOUND",method="Stat"} 1.0' in text
+        assert 'overlay_rpc_requests_total{code="OK",method="Cleanup"} 1.0' in text
+        assert 'overlay_snapshots{kind="committed"} 1.0' in text
+        assert 'overlay_snapshots{kind="active"} 0.0' in text
+        assert "overlay_cleanup_backlog_directories 0.0" in text
+        assert 'overlay_metadata_bytes{what="used"}' in text
+    finally:
+        code, err = stop(proc)
+    assert code == 0, err
+
+
+def test_config_file_and_flags(tmpfs: Path, sockdir: Path) -> None:
+    config = tmpfs / "config.toml"
+    sock = sockdir / "ovl.sock"
+    config.write_text(f'root = "{tmpfs / "from-file"}"\naddress = "{sock}"\n'
+                      'upperdir_label = true\nlog_level = "debug"\n')
+    proc = start(["--config", str(config), "--root", str(tmpfs / "from-flag")])
+    try:
+        wait_for_socket(sock, proc)
+        with RemoteSnapshotter(str(sock)) as client:
+            client.prepare("k")
+            labels = client.stat("k").labels
+        assert labels["containerd.io/snapshot/overlay.upperdir"] == str(
+            tmpfs / "from-flag" / "snapshots" / "1" / "fs")
+        assert not (tmpfs / "from-file").exists()
+    finally:
+        code, err = stop(proc)
+    assert code == 0, err
+
+    config.write_text('root = "/x"\nsync_remove = "yes"\n')
+    bad = subprocess.run([*SERVE, "--config", str(config)], capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert bad.returncode == 6
+    assert "sync_remove must be a bool" in bad.stderr
+    config.write_text('rooot = "/x"\n')
+    bad = subprocess.run([*SERVE, "--config", str(config)], capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert bad.returncode == 6
+    assert "unknown key 'rooot'" in bad.stderr
+    missing = subprocess.run([*SERVE, "--config", str(tmpfs / "nope.toml")],
+                             capture_output=True, text=True, timeout=60, check=False)
+    assert missing.returncode == 6
+    assert "does not exist" in missing.stderr
