@@ -372,9 +372,11 @@ class MetaStore:
         self, env: lmdb.Environment
     ) -> tuple[lmdb._Database, lmdb._Database, lmdb._Database]:
         # Open (creating if needed) the sub-databases and check the schema version in one
-        # write transaction; it writes nothing when the file is already initialized.
+        # write transaction; it writes nothing when the file is already initialized.  No
+        # _write_lock: the env is not published yet, and taking it under _open_lock would
+        # invert close()'s lock order.
         try:
-            with self._write_lock, env.begin(write=True) as wtxn:
+            with env.begin(write=True) as wtxn:
                 dbs = (
                     env.open_db(_DB_SNAPSHOTS, txn=wtxn),
                     env.open_db(_DB_PARENTS, txn=wtxn),
@@ -401,7 +403,7 @@ class MetaStore:
             try:
                 ltxn = env.begin()
             except lmdb.Error as exc:
-                raise _map_error(exc, f"metastore {self._path!r}: begin") from exc
+                raise self._begin_error(exc) from exc
             txn = Txn(env, ltxn, dbs, write=False, path=self._path)
             try:
                 yield txn
@@ -412,7 +414,7 @@ class MetaStore:
             return
 
         me = threading.get_ident()
-        if False:
+        if self._writer == me:
             raise FailedPreconditionError(
                 f"metastore {self._path!r}: this thread already holds a write transaction"
             )
@@ -422,7 +424,7 @@ class MetaStore:
                 try:
                     ltxn = env.begin(write=True)
                 except lmdb.Error as exc:
-                    raise _map_error(exc, f"metastore {self._path!r}: begin") from exc
+                    raise self._begin_error(exc) from exc
                 txn = Txn(env, ltxn, dbs, write=True, path=self._path)
                 try:
                     yield txn
@@ -441,12 +443,29 @@ class MetaStore:
             finally:
                 self._writer = None
 
+    def _begin_error(self, exc: lmdb.Error) -> OverlayError:
+        if self._closed:  # close() won the race since _environment() returned
+            return UnavailableError(f"metastore {self._path!r} is closed")
+        return _map_error(exc, f"metastore {self._path!r}: begin")
+
     def close(self) -> None:
         """Close the environment; a no-op when never opened or already closed.
 
-        Call it once no transaction of this store is in flight.
+        Waits for a write transaction in flight on another thread (LMDB would
+        otherwise abort it from this thread, which its writer lock forbids).
+        Read transactions still open become unusable.  Closing on a thread that
+        holds a write transaction of this store is refused.
         """
-        with self._open_lock:
+        if self._env is not None and self._pid != os.getpid():
+            # A forked child: the environment (and maybe the locks) belong to the parent.
+            self._closed, self._env, self._dbs = True, None, None
+            return
+        if self._writer == threading.get_ident():
+            raise FailedPreconditionError(
+                f"metastore {self._path!r}: close inside a write transaction"
+            )
+        # Lock order everywhere: _write_lock, then _open_lock.
+        with self._write_lock, self._open_lock:
             self._closed = True
             env, self._env, self._dbs = self._env, None, None
             if env is not None and self._pid == os.getpid():
@@ -676,7 +695,7 @@ def create_snapshot(
 
 
 @_guard
-def commit_active(  # noqa: PLR0917 (containerd's signature)
+def commit_active(
     txn: Txn,
     key: str,
     name: str,

@@ -335,21 +335,19 @@ def test_rebase(base: MetaStore, original: str, new: str, error: type[OverlayErr
     with base.transaction(write=True) as txn:
         ms.create_snapshot(txn, Kind.ACTIVE, "lonely-tmp")
         ms.commit_active(txn, "lonely-tmp", "lonely", Usage())
-    before = dump_store(base)
     with base.transaction(write=True) as txn:
         snap = ms.create_snapshot(txn, Kind.ACTIVE, "rebase-key", original)
-        if error is not None:
-            inner = ms.dump(txn)
+    before = dump_store(base)
+    if error is not None:
+        with base.transaction(write=True) as txn:
             with pytest.raises(error):
                 ms.commit_active(txn, "rebase-key", "rebase-name", Usage(), parent=new)
-            assert ms.dump(txn) == inner
-            raise_rollback = True
-        else:
-            sid = ms.commit_active(txn, "rebase-key", "rebase-name", Usage(), parent=new)
-            assert sid == snap.id
-            raise_rollback = False
-    if raise_rollback:
+            assert ms.dump(txn) == before
+        assert dump_store(base) == before
         return
+    with base.transaction(write=True) as txn:
+        sid = ms.commit_active(txn, "rebase-key", "rebase-name", Usage(), parent=new)
+        assert sid == snap.id
     assert dump_store(base) != before
     expected_parent = new or original
     with base.transaction(write=True) as txn:
@@ -641,6 +639,24 @@ def test_update_rejects_other_paths(store: MetaStore, path: str) -> None:
     assert dump_store(store) == before
 
 
+def test_update_sets_updated_and_keeps_created(
+    store: MetaStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ms, "now_ns", lambda: 1_000)
+    with store.transaction(write=True) as txn:
+        ms.create_snapshot(txn, Kind.ACTIVE, "a")
+        assert ms.get_info(txn, "a")[1].created_ns == 1_000
+    monkeypatch.setattr(ms, "now_ns", lambda: 2_000)
+    with store.transaction(write=True) as txn:
+        out = ms.update_info(txn, Info(Kind.ACTIVE, "a", created_ns=5, updated_ns=6))
+    assert (out.created_ns, out.updated_ns) == (1_000, 2_000)
+    monkeypatch.setattr(ms, "now_ns", lambda: 3_000)
+    with store.transaction(write=True) as txn:
+        ms.commit_active(txn, "a", "c", Usage())
+        info = ms.get_info(txn, "c")[1]
+    assert (info.created_ns, info.updated_ns) == (3_000, 3_000)
+
+
 def test_update_missing_is_not_found(base: MetaStore) -> None:
     with base.transaction(write=True) as txn, pytest.raises(NotFoundError):
         ms.update_info(txn, Info(Kind.ACTIVE, "nope", labels={"a": "1"}))
@@ -885,11 +901,22 @@ def test_txn_unusable_after_block(store: MetaStore) -> None:
         ms.id_map(rtxn)
 
 
+def _alarm(signum: int, frame: object) -> None:
+    raise TimeoutError("deadlocked")
+
+
 def test_nested_write_txn_on_one_thread_raises(store: MetaStore) -> None:
-    with store.transaction(write=True) as txn:
-        ms.create_snapshot(txn, Kind.ACTIVE, "a")
-        with pytest.raises(FailedPreconditionError), store.transaction(write=True):
-            pass
+    # A deadlock would hang the suite: let SIGALRM turn it into a failure.
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(10)
+    try:
+        with store.transaction(write=True) as txn:
+            ms.create_snapshot(txn, Kind.ACTIVE, "a")
+            with pytest.raises(FailedPreconditionError), store.transaction(write=True):
+                pass
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     with store.transaction() as txn:
         assert ms.id_map(txn) == {"1": "a"}
 
@@ -930,18 +957,71 @@ def test_writers_are_serialized_and_readers_never_block(store: MetaStore) -> Non
             order.append("w2")
 
     t1 = threading.Thread(target=first_writer)
-    t1.start()
-    assert entered.wait(10)
     t2 = threading.Thread(target=second_writer)
-    t2.start()
-    time.sleep(0.2)
-    assert order == []  # the second writer waits for the first
-    with store.transaction() as txn:  # a reader does not
-        assert ms.id_map(txn) == {"1": "seed"}
-    release.set()
-    t1.join(10)
-    t2.join(10)
+    t1.start()
+    try:
+        assert entered.wait(10)
+        t2.start()
+        time.sleep(0.2)
+        assert order == []  # the second writer waits for the first
+        with store.transaction() as txn:  # a reader does not
+            assert ms.id_map(txn) == {"1": "seed"}
+    finally:
+        release.set()
+        t1.join(10)
+        if t2.ident is not None:
+            t2.join(10)
     assert order == ["w1", "w2"]
+
+
+def _close_while_writing(path: str) -> None:
+    store = MetaStore(path)
+    entered = threading.Event()
+    failures: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            with store.transaction(write=True) as txn:
+                entered.set()
+                time.sleep(0.3)
+                ms.create_snapshot(txn, Kind.ACTIVE, "late")
+        except BaseException as exc:
+            failures.append(exc)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    assert entered.wait(10)
+    store.close()
+    t.join()
+    assert failures == [], failures
+
+
+def test_close_waits_for_a_writer_on_another_thread(tmp_path: Path) -> None:
+    # In a child: closing under a live write txn used to deadlock in LMDB, GIL held.
+    path = str(tmp_path / "metadata.lmdb")
+    proc = _spawn().Process(target=_close_while_writing, args=(path,))
+    proc.start()
+    proc.join(60)
+    if proc.exitcode is None:
+        proc.kill()
+        proc.join()
+        pytest.fail("close() deadlocked with a write transaction in flight")
+    assert proc.exitcode == 0
+    reopened = MetaStore(path)
+    try:
+        with reopened.transaction() as txn:
+            assert ms.id_map(txn) == {"1": "late"}
+    finally:
+        reopened.close()
+
+
+def test_close_inside_own_write_txn_is_refused(store: MetaStore) -> None:
+    with store.transaction(write=True) as txn:
+        ms.create_snapshot(txn, Kind.ACTIVE, "a")
+        with pytest.raises(FailedPreconditionError):
+            store.close()
+    with store.transaction() as txn:
+        assert ms.id_map(txn) == {"1": "a"}
 
 
 def test_concurrent_writer_thread_while_readers_iterate(store: MetaStore) -> None:
