@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import errno as _errno
 import hashlib
+import importlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -50,7 +51,7 @@ MAX_MOUNT_DATA = 4095
 _REBUILD = "rebuild it with: pip install -e . (from the repository root, as README says)"
 
 try:
-    from overlay import _ovl  # type: ignore[attr-defined]
+    _ovl: Any = importlib.import_module("overlay._ovl")
 except ImportError as exc:  # pragma: no cover - exercised by hand
     raise ImportError(
         f"overlay's native module overlay._ovl is missing or broken ({exc}); {_REBUILD}"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from overlay.client import RemoteSnapshotter
-from overlay.errors import UnavailableError
+from overlay.errors import NotFoundError, UnavailableError
 from overlay.overlayfs import OverlaySnapshotter
 from overlay.snapshots import Info
 
@@ -41,7 +41,7 @@ def wait_for_socket(path: Path, proc: subprocess.Popen[str], timeout: float = 20
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            out, err = proc.communicate()
+            _, err = proc.communicate()
             raise AssertionError(f"daemon exited {proc.returncode}: {err}")
         if path.exists():
             with socket.socket(socket.AF_UNIX) as s:
@@ -54,9 +54,9 @@ def wait_for_socket(path: Path, proc: subprocess.Popen[str], timeout: float = 20
     raise AssertionError(f"daemon did not listen on {path} within {timeout}s")
 
 
-def start(args: list[str], **kw: object) -> subprocess.Popen[str]:
+def start(args: list[str]) -> subprocess.Popen[str]:
     return subprocess.Popen([*SERVE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **kw)  # type: ignore[call-overload]
+                            text=True)
 
 
 def stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
@@ -118,8 +118,8 @@ def test_stale_socket_is_replaced_live_one_refused(tmpfs: Path, sockdir: Path) -
     try:
         wait_for_socket(sock, first)
         second = start(["--root", str(tmpfs / "b"), "--address", str(sock)])
-        code, err = stop(second) if second.wait(timeout=30) is None else (second.returncode,
-                                                                         second.stderr.read())
+        second.wait(timeout=60)
+        code, err = stop(second)
         assert code == 4, err  # already exists
         assert "already listening" in err
         with RemoteSnapshotter(str(sock)) as client:
@@ -177,15 +177,14 @@ def test_systemd_notify_and_socket_activation(tmpfs: Path, sockdir: Path) -> Non
     listener.listen(16)
     fd = listener.fileno()
 
-    def as_fd3() -> None:
-        os.dup2(fd, 3)
-        os.set_inheritable(3, True)
-
     env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "LISTEN_FDS": "1"}
-    # LISTEN_PID must name the daemon itself: set it in a shell that execs it
-    cmd = ["/bin/sh", "-c", 'export LISTEN_PID=$$; exec "$@"', "sh", *SERVE, "--root",
+    # LISTEN_PID must name the daemon itself, and the socket must be fd 3: a
+    # shell sets both, then execs the daemon in its place
+    move = f"3<&{fd} {fd}<&-" if fd != 3 else ""
+    script = f'export LISTEN_PID=$$; exec "$@" {move}'
+    cmd = ["/bin/sh", "-c", script, "sh", *SERVE, "--root",
            str(tmpfs / "root"), "--address", str(sockdir / "unused.sock")]
-    proc = subprocess.Popen(cmd, env=env, preexec_fn=as_fd3, pass_fds=(fd, 3),
+    proc = subprocess.Popen(cmd, env=env, pass_fds=(fd,),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     listener.close()
     try:
@@ -221,7 +220,7 @@ def test_metrics(tmpfs: Path, sockdir: Path) -> None:
             client.prepare("b")
             client.commit("B", "b")
             client.remove("a")
-            with pytest.raises(Exception):
+            with pytest.raises(NotFoundError):
                 client.stat("missing")
             client.cleanup()
         deadline = time.monotonic() + 20

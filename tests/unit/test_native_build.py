@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -31,12 +32,8 @@ def test_abi_and_hash() -> None:
 def test_stale_build_fails_at_import_with_the_rebuild_command(tmp_path: Path) -> None:
     # Copy the package next to a changed native/ovl.c: importing must refuse.
     root = Path(_native.__file__).resolve().parent.parent
-    pkg = tmp_path / "overlay"
-    pkg.mkdir()
-    for so in (root / "overlay").glob("_ovl*.so"):
-        (pkg / so.name).write_bytes(so.read_bytes())
-    for name in ("__init__.py", "_native.py"):
-        (pkg / name).write_text((root / "overlay" / name).read_text())
+    shutil.copytree(root / "overlay", tmp_path / "overlay",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     (tmp_path / "native").mkdir()
     (tmp_path / "native" / "ovl.h").write_text((root / "native" / "ovl.h").read_text())
     (tmp_path / "native" / "ovl.c").write_text(
@@ -63,10 +60,8 @@ def test_stale_build_fails_at_import_with_the_rebuild_command(tmp_path: Path) ->
 
 def test_missing_build_fails_with_the_rebuild_command(tmp_path: Path) -> None:
     root = Path(_native.__file__).resolve().parent.parent
-    pkg = tmp_path / "overlay"
-    pkg.mkdir()
-    for name in ("__init__.py", "_native.py"):
-        (pkg / name).write_text((root / "overlay" / name).read_text())
+    shutil.copytree(root / "overlay", tmp_path / "overlay",
+                    ignore=shutil.ignore_patterns("__pycache__", "_ovl*.so"))
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); "
         "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in repr(f)]; "
