@@ -179,16 +179,23 @@ def test_systemd_notify_and_socket_activation(tmpfs: Path, sockdir: Path) -> Non
 
     env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "LISTEN_FDS": "1"}
     # LISTEN_PID must name the daemon itself, and the socket must be fd 3: a
-    # shell sets both, then execs the daemon in its place
-    move = f"3<&{fd} {fd}<&-" if fd != 3 else ""
-    script = f'export LISTEN_PID=$$; exec "$@" {move}'
-    cmd = ["/bin/sh", "-c", script, "sh", *SERVE, "--root",
+    # small launcher sets both, then execs the daemon in its place (as systemd)
+    launcher = (
+        "import os, sys\n"
+        f"if {fd} != 3:\n    os.dup2({fd}, 3)\n    os.close({fd})\n"
+        "os.environ['LISTEN_PID'] = str(os.getpid())\n"
+        "os.execv(sys.argv[1], sys.argv[1:])\n"
+    )
+    cmd = [sys.executable, "-c", launcher, *SERVE, "--root",
            str(tmpfs / "root"), "--address", str(sockdir / "unused.sock")]
     proc = subprocess.Popen(cmd, env=env, pass_fds=(fd,),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     listener.close()
     try:
-        first = notify.recv(4096)
+        try:
+            first = notify.recv(4096)
+        except TimeoutError:
+            first = b"(nothing)"
         if first != b"READY=1":
             raise AssertionError(f"{first!r}: {stop(proc)}")
         assert not (sockdir / "unused.sock").exists()
