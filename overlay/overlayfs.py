@@ -438,8 +438,9 @@ class OverlaySnapshotter:
     ) -> CleanupReport:
         """Delete everything in the trash (no lock held).  Entries that cannot
         go entirely (an immutable file, a mount) stay, reported, for the next
-        time.  Safe to run from several threads or processes at once.
-        ``stop`` is asked between entries; when true the rest waits."""
+        time.  Safe to run from several threads or processes at once: each
+        entry is first claimed by renaming it, so two removers never walk the
+        same tree.  ``stop`` is asked between entries; when true the rest waits."""
         with self._trash_lock:
             entries = sorted(os.listdir(self._trash))
             removed = count = size = 0
@@ -447,7 +448,9 @@ class OverlaySnapshotter:
             for done, name in enumerate(entries, 1):
                 if stop is not None and stop():
                     break
-                path = os.path.join(self._trash, name)
+                path = self._claim_trash(name)
+                if path is None:
+                    continue  # another remover took it
                 try:
                     result = _native.remove_tree(path, threads=self._trash_threads,
                                                  count_bytes=True)
@@ -469,6 +472,16 @@ class OverlaySnapshotter:
                 if progress is not None:
                     progress(done, len(entries))
         return CleanupReport(removed, count, size, tuple(failed))
+
+    def _claim_trash(self, name: str) -> str | None:
+        base = name.split("~", 2)[-1] if name.startswith("claimed~") else name
+        dest = os.path.join(self._trash, f"claimed~{secrets.token_hex(4)}~{base}")
+        try:
+            _native.renameat2(os.path.join(self._trash, name), dest,
+                              _native.RenameFlag.NOREPLACE)
+        except FileNotFoundError:
+            return None
+        return dest
 
     def cleanup(self, progress: Progress | None = None) -> CleanupReport:
         """Reclaim every orphan: move them to the trash under the lock, then
