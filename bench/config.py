@@ -1,0 +1,111 @@
+"""Knobs (environment variables) and shared types for the benchmarks.
+
+- ``BENCH_SCALE`` (float, default 1.0): multiplies every tree's file count.
+- ``BENCH_ROUNDS`` (int, default 5): timed rounds per benchmark; each removal
+  round removes a freshly built tree.
+- ``BENCH_FILESYSTEMS`` (default ``rootfs,tmpfs,ext4``): where to measure.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+__all__ = [
+    "FILESYSTEMS",
+    "FILESYSTEMS_ENV",
+    "GOALS",
+    "ROUNDS_ENV",
+    "THREADS",
+    "Benchmark",
+    "Filesystem",
+    "Goal",
+    "filesystems",
+    "rounds",
+]
+
+ROUNDS_ENV = "BENCH_ROUNDS"
+FILESYSTEMS_ENV = "BENCH_FILESYSTEMS"
+
+#: Where removal and usage are measured: the root filesystem (tmp_path), and
+#: two CPU-bound ones the benchmark mounts itself.
+FILESYSTEMS: dict[str, str] = {
+    "rootfs": "the root filesystem (pytest's tmp_path)",
+    "tmpfs": "a tmpfs mounted by the benchmark",
+    "ext4": "journaled ext4 on a loop device (sparse image) created by the benchmark",
+}
+
+#: Native thread counts: one, one per core, and 4 (deduplicated).
+THREADS: tuple[int, ...] = tuple(sorted({1, os.cpu_count() or 1, 4}))
+
+
+def rounds() -> int:
+    raw = os.environ.get(ROUNDS_ENV, "5")
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{ROUNDS_ENV}={raw!r}: not an integer") from None
+    if value < 1:
+        raise ValueError(f"{ROUNDS_ENV}={raw!r}: must be at least 1")
+    return value
+
+
+def filesystems() -> tuple[str, ...]:
+    raw = os.environ.get(FILESYSTEMS_ENV, ",".join(FILESYSTEMS))
+    names = tuple(n.strip() for n in raw.split(",") if n.strip())
+    unknown = [n for n in names if n not in FILESYSTEMS]
+    if unknown or not names:
+        raise ValueError(
+            f"{FILESYSTEMS_ENV}={raw!r}: choose among {', '.join(FILESYSTEMS)}"
+        )
+    return names
+
+
+@dataclass(frozen=True, slots=True)
+class Filesystem:
+    name: str
+    path: Path
+
+
+@dataclass(frozen=True, slots=True)
+class Goal:
+    """A speed goal from issue 2: ``contender`` at least ``ratio`` x ``versus``."""
+
+    kind: str
+    trees: tuple[str, ...]
+    filesystems: tuple[str, ...]
+    versus: str
+    ratio: float
+
+
+#: Reported next to the ratios, never asserted.
+GOALS: tuple[Goal, ...] = (
+    Goal("remove", ("nested",), ("tmpfs", "ext4"), "rm -rf", 1.5),
+    Goal("remove", ("nested",), ("tmpfs", "ext4"), "shutil.rmtree", 2.0),
+    Goal("usage", ("nested", "rootfs-like"), tuple(FILESYSTEMS), "du", 1.2),
+)
+
+T = TypeVar("T")
+
+
+class Benchmark(Protocol):
+    """The part of pytest-benchmark's ``benchmark`` fixture these benchmarks use."""
+
+    group: str | None
+    extra_info: dict[str, Any]
+    stats: Any  # Metadata (with .stats.median) once run; None when disabled
+
+    def pedantic(
+        self,
+        target: Callable[..., T],
+        args: tuple[Any, ...] = ...,
+        kwargs: dict[str, Any] | None = ...,
+        setup: Callable[[], tuple[tuple[Any, ...], dict[str, Any]] | None] | None = ...,
+        teardown: Callable[..., None] | None = ...,
+        rounds: int = ...,
+        warmup_rounds: int = ...,
+        iterations: int = ...,
+    ) -> T: ...
