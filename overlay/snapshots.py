@@ -169,7 +169,12 @@ def check_labels(labels: Mapping[str, str] | None) -> None:
             raise InvalidArgumentError(f"label {key!r}: keys and values must be strings")
         if not key:
             raise InvalidArgumentError("label key must not be empty")
-        size = len(key.encode()) + len(value.encode())
+        try:
+            size = len(key.encode()) + len(value.encode())
+        except UnicodeEncodeError as exc:
+            raise InvalidArgumentError(
+                f"label {key[:64]!r}: not valid unicode text ({exc.reason})"
+            ) from None
         if size > MAX_LABEL_BYTES:
             raise InvalidArgumentError(
                 f"label key and value length ({size} bytes) greater than maximum size "
