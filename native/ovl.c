@@ -309,6 +309,34 @@ enum walk_mode { WALK_REMOVE, WALK_USAGE };
 #define SPLIT_MAX_LEVEL 256
 #define SPLIT_MAX_DEPTH 4
 
+/* Names collected for later: packed (uint64 ino, NUL-terminated name). */
+struct namebuf {
+    char *p;
+    size_t len, cap, n;
+};
+
+static int nb_push(struct namebuf *b, uint64_t ino, const char *name)
+{
+    size_t len = strlen(name) + 1, need = sizeof ino + len;
+
+    if (b->len + need > b->cap) {
+        size_t ncap = b->cap ? b->cap * 2 : 4096;
+        char *np;
+        while (ncap < b->len + need)
+            ncap *= 2;
+        np = realloc(b->p, ncap);
+        if (np == NULL)
+            return -1;
+        b->p = np;
+        b->cap = ncap;
+    }
+    memcpy(b->p + b->len, &ino, sizeof ino);
+    memcpy(b->p + b->len + sizeof ino, name, len);
+    b->len += need;
+    b->n++;
+    return 0;
+}
+
 /* A directory being walked.  Its subdirectories are collected while its
  * entries are read (files are handled on the spot), then descended one by
  * one: so no getdents position has to survive a descent, and the
@@ -319,8 +347,8 @@ struct frame {
     uint64_t ino;     /* expected inode, checked when reopening */
     int fd;           /* -1 while closed to save descriptors */
     int failed;       /* something below could not be removed */
-    char *subs;       /* packed (uint64 ino, NUL-terminated name) records */
-    size_t subs_len, subs_cap, next;
+    struct namebuf subs; /* its subdirectories, to descend into */
+    size_t next;         /* read position in subs */
 };
 
 struct inoset {
@@ -513,23 +541,7 @@ static int count_inode(struct walk *w, struct wstats *s, const struct stat *st)
 
 static int push_sub(struct frame *f, uint64_t ino, const char *name)
 {
-    size_t n = strlen(name) + 1, need = sizeof ino + n;
-
-    if (f->subs_len + need > f->subs_cap) {
-        size_t ncap = f->subs_cap ? f->subs_cap * 2 : 512;
-        char *p;
-        while (ncap < f->subs_len + need)
-            ncap *= 2;
-        p = realloc(f->subs, ncap);
-        if (p == NULL)
-            return -1;
-        f->subs = p;
-        f->subs_cap = ncap;
-    }
-    memcpy(f->subs + f->subs_len, &ino, sizeof ino);
-    memcpy(f->subs + f->subs_len + sizeof ino, name, n);
-    f->subs_len += need;
-    return 0;
+    return nb_push(&f->subs, ino, name);
 }
 
 /* Next collected subdirectory of f, or NULL. */
@@ -537,40 +549,12 @@ static const char *next_sub(struct frame *f, uint64_t *ino)
 {
     const char *name;
 
-    if (f->next >= f->subs_len)
+    if (f->next >= f->subs.len)
         return NULL;
-    memcpy(ino, f->subs + f->next, sizeof *ino);
-    name = f->subs + f->next + sizeof *ino;
+    memcpy(ino, f->subs.p + f->next, sizeof *ino);
+    name = f->subs.p + f->next + sizeof *ino;
     f->next += sizeof *ino + strlen(name) + 1;
     return name;
-}
-
-/* Names collected for later: packed (uint64 ino, NUL-terminated name). */
-struct namebuf {
-    char *p;
-    size_t len, cap, n;
-};
-
-static int nb_push(struct namebuf *b, uint64_t ino, const char *name)
-{
-    size_t len = strlen(name) + 1, need = sizeof ino + len;
-
-    if (b->len + need > b->cap) {
-        size_t ncap = b->cap ? b->cap * 2 : 4096;
-        char *np;
-        while (ncap < b->len + need)
-            ncap *= 2;
-        np = realloc(b->p, ncap);
-        if (np == NULL)
-            return -1;
-        b->p = np;
-        b->cap = ncap;
-    }
-    memcpy(b->p + b->len, &ino, sizeof ino);
-    memcpy(b->p + b->len + sizeof ino, name, len);
-    b->len += need;
-    b->n++;
-    return 0;
 }
 
 static int by_ino(const void *a, const void *b)
@@ -739,7 +723,7 @@ static void free_frame(struct frame *f)
 {
     if (f->fd >= 0)
         close(f->fd);
-    free(f->subs);
+    free(f->subs.p);
     free(f);
 }
 
@@ -1013,13 +997,8 @@ static int walk_parallel(struct walk *w, struct wstats *s, struct frame *root, d
     cur = levels;
     for (depth = 0; depth < SPLIT_MAX_DEPTH; depth++) {
         size_t subs = 0;
-        for (i = 0; i < ncur; i++) {
-            size_t off = 0;
-            while (off < cur[i]->subs_len) {
-                off += sizeof(uint64_t) + strlen(cur[i]->subs + off + sizeof(uint64_t)) + 1;
-                subs++;
-            }
-        }
+        for (i = 0; i < ncur; i++)
+            subs += cur[i]->subs.n;
         if (subs == 0 || subs >= (size_t)nthreads * 16 || subs > SPLIT_MAX_LEVEL)
             break;
         /* expand: open every subdirectory of this level as a split frame */

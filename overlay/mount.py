@@ -339,22 +339,9 @@ def _unescape(field: str) -> str:
 
 
 def _split_super(options: str) -> tuple[str, ...]:
-    # Options are comma separated; overlay escapes a comma inside a path as \,
-    parts, cur, i = [], [], 0
-    while i < len(options):
-        ch = options[i]
-        if ch == "\\" and i + 1 < len(options) and options[i + 1] == ",":
-            cur.append(",")
-            i += 2
-            continue
-        if ch == ",":
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-        i += 1
-    parts.append("".join(cur))
-    return tuple(_unescape(p) for p in parts if p)
+    # The kernel escapes a comma (and space, tab, newline, backslash) inside a
+    # value as \ooo octal, so a plain split is exact.
+    return tuple(_unescape(p) for p in options.split(",") if p)
 
 
 def mount_table() -> list[MountInfo]:
