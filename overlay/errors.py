@@ -12,6 +12,8 @@ from __future__ import annotations
 
 __all__ = [
     "AlreadyExistsError",
+    "CancelledError",
+    "DeadlineExceededError",
     "FailedPreconditionError",
     "InvalidArgumentError",
     "NotFoundError",
@@ -79,6 +81,20 @@ class UnimplementedError(OverlayError):
 class UnknownError(OverlayError):
     grpc_code = "UNKNOWN"
     kind_text = "unknown"
+
+
+class CancelledError(OverlayError):
+    """The call was cancelled (Go's ``context.Canceled``)."""
+
+    grpc_code = "CANCELLED"
+    kind_text = "context canceled"
+
+
+class DeadlineExceededError(OverlayError):
+    """The call's deadline passed (Go's ``context.DeadlineExceeded``)."""
+
+    grpc_code = "DEADLINE_EXCEEDED"
+    kind_text = "context deadline exceeded"
 
 
 class UnsupportedError(FailedPreconditionError):

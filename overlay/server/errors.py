@@ -23,6 +23,8 @@ import grpc
 
 from overlay.errors import (
     AlreadyExistsError,
+    CancelledError,
+    DeadlineExceededError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
@@ -43,20 +45,6 @@ __all__ = [
     "from_status",
     "to_status",
 ]
-
-
-class CancelledError(OverlayError):
-    """The call was cancelled (Go's ``context.Canceled``)."""
-
-    grpc_code = "CANCELLED"
-    kind_text = "context canceled"
-
-
-class DeadlineExceededError(OverlayError):
-    """The call's deadline passed (Go's ``context.DeadlineExceeded``)."""
-
-    grpc_code = "DEADLINE_EXCEEDED"
-    kind_text = "context deadline exceeded"
 
 
 #: The one table (SPEC §6.5).  Subclasses map like their nearest listed base
