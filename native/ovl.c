@@ -645,9 +645,13 @@ static int scan_dir(struct walk *w, struct wstats *s, struct frame *f, dev_t dev
         if (n < 0) {
             if (errno == EINTR)
                 continue;
-            report(w, s, f, NULL, errno);
-            f->failed = 1;
-            rc = -1;
+            /* ENOENT: the directory itself was removed meanwhile (another
+             * remover got there first); nothing is left to do in it */
+            if (errno != ENOENT) {
+                report(w, s, f, NULL, errno);
+                f->failed = 1;
+                rc = -1;
+            }
             break;
         }
         for (long off = 0; off < n;) {

@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import secrets
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from overlay import _native, metastore, support
@@ -65,6 +66,32 @@ log = logging.getLogger(__name__)
 
 #: Called while the trash is emptied: (directories done, directories total).
 Progress = Callable[[int, int], None]
+
+
+@contextlib.contextmanager
+def _locked(path: str) -> Iterator[bool]:
+    """Hold an exclusive flock on the directory ``path``; yields False when
+    it is gone or someone else holds it (never blocks)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield False
+        return
+    except OSError:
+        # not a directory (a stray file): nothing to lock, remove it plainly
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            os.unlink(path)
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,8 +466,10 @@ class OverlaySnapshotter:
         """Delete everything in the trash (no lock held).  Entries that cannot
         go entirely (an immutable file, a mount) stay, reported, for the next
         time.  Safe to run from several threads or processes at once: each
-        entry is first claimed by renaming it, so two removers never walk the
-        same tree.  ``stop`` is asked between entries; when true the rest waits."""
+        entry is locked (flock) while it is deleted, and a locked entry is
+        left to its remover, so two removers never walk the same tree.  A
+        remover that dies drops its lock with it.  ``stop`` is asked between
+        entries; when true the rest waits."""
         with self._trash_lock:
             entries = sorted(os.listdir(self._trash))
             removed = count = size = 0
@@ -448,21 +477,18 @@ class OverlaySnapshotter:
             for done, name in enumerate(entries, 1):
                 if stop is not None and stop():
                     break
-                path = self._claim_trash(name)
-                if path is None:
-                    continue  # another remover took it
-                try:
-                    result = _native.remove_tree(path, threads=self._trash_threads,
-                                                 count_bytes=True)
-                except FileNotFoundError:
-                    result = _native.TreeResult(0, 0)
-                except NotADirectoryError:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(path)
-                    result = _native.TreeResult(1, 0)
-                except OSError as exc:
-                    failed.append((path, exc.errno or errno.EIO))
-                    result = _native.TreeResult(0, 0)
+                path = os.path.join(self._trash, name)
+                with _locked(path) as mine:
+                    if not mine:
+                        continue  # gone, or another remover holds it
+                    try:
+                        result = _native.remove_tree(path, threads=self._trash_threads,
+                                                     count_bytes=True)
+                    except FileNotFoundError:
+                        result = _native.TreeResult(0, 0)
+                    except OSError as exc:
+                        failed.append((path, exc.errno or errno.EIO))
+                        result = _native.TreeResult(0, 0)
                 count += result.entries
                 size += result.bytes
                 if result.errors:
@@ -472,16 +498,6 @@ class OverlaySnapshotter:
                 if progress is not None:
                     progress(done, len(entries))
         return CleanupReport(removed, count, size, tuple(failed))
-
-    def _claim_trash(self, name: str) -> str | None:
-        base = name.split("~", 2)[-1] if name.startswith("claimed~") else name
-        dest = os.path.join(self._trash, f"claimed~{secrets.token_hex(4)}~{base}")
-        try:
-            _native.renameat2(os.path.join(self._trash, name), dest,
-                              _native.RenameFlag.NOREPLACE)
-        except FileNotFoundError:
-            return None
-        return dest
 
     def cleanup(self, progress: Progress | None = None) -> CleanupReport:
         """Reclaim every orphan: move them to the trash under the lock, then
