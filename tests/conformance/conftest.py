@@ -45,7 +45,7 @@ class Backend:
     overlay_family: bool = True
 
 
-from tests.integration.grpc_backend import remote_overlay  # noqa: E402
+from tests.integration.grpc_backend import daemon_overlay, remote_overlay  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -65,6 +65,8 @@ BACKENDS: tuple[Backend, ...] = (
     Backend("overlay", _open_overlay),
     # the same backend through the gRPC client and server, in-process
     Backend("grpc", remote_overlay),
+    # client → the whole daemon (deferred cleanup, interceptors) → overlay
+    Backend("daemon", daemon_overlay),
 )
 
 

@@ -59,3 +59,26 @@ def remote_overlay(
                 client.close()
     finally:
         backend.close()
+
+
+@contextlib.contextmanager
+def daemon_overlay(root: Path, *, namespace: str | None = None,
+                   timeout: float | None = 60.0) -> Iterator[RemoteSnapshotter]:
+    """The whole daemon (``overlay.server.daemon.Daemon``: deferred cleanup,
+    metrics interceptor, socket mode) in-process, and a client talking to it."""
+    from overlay.server.config import Config
+    from overlay.server.daemon import Daemon
+
+    sock_dir = tempfile.mkdtemp(prefix="ovl-daemon-", dir="/tmp")
+    daemon = Daemon(Config(root=str(root), address=f"{sock_dir}/overlay.sock"))
+    daemon.start()
+    try:
+        client = RemoteSnapshotter(f"unix://{sock_dir}/overlay.sock", namespace=namespace,
+                                   timeout=timeout)
+        try:
+            yield client
+        finally:
+            client.close()
+    finally:
+        daemon.stop(grace=5)
+        shutil.rmtree(sock_dir, ignore_errors=True)
