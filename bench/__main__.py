@@ -5,9 +5,12 @@
 Runs ``pytest bench --benchmark-json=FILE`` (other arguments pass through to
 pytest, e.g. ``-k tmpfs``), then prints one table per group: each
 contender's median time, files/s, and its speed relative to ``rm -rf`` and
-``shutil.rmtree`` (usage: to ``du``), with issue 2's goals beside them.  The
-goals are reported, never asserted.  Plots are written only when matplotlib
-is importable.  ``--report FILE`` prints the tables of an earlier run.
+``shutil.rmtree`` (usage: to ``du``), with issue 2's goals beside them; then
+the snapshotter and daemon tables of issues 3 and 4 (``bench.tables``:
+remove latency vs snapshot size, operation rates, mount depth, in-process vs
+daemon vs containerd), with their goals.  The goals are reported, never
+asserted.  Plots (issue 2's kinds) are written only
+when matplotlib is importable.  ``--report FILE`` prints the tables of an earlier run.
 """
 
 from __future__ import annotations
@@ -23,7 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import tables
 from bench.config import FILESYSTEMS, GOALS, Goal
+from bench.text import duration as _time
+from bench.text import rate as _rate
+from bench.text import ratio as _ratio
+from bench.text import table as _table
 from bench.trees import TREES
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -112,36 +120,6 @@ def load(path: Path) -> list[Group]:
     for g in ordered:
         g.rows.sort(key=lambda r: (not r.native, r.threads or 0, r.contender))
     return ordered
-
-
-def _time(seconds: float) -> str:
-    if seconds >= 1:
-        return f"{seconds:.3f} s"
-    if seconds >= 1e-3:
-        return f"{seconds * 1e3:.1f} ms"
-    return f"{seconds * 1e6:.0f} us"
-
-
-def _rate(value: float | None) -> str:
-    return "-" if value is None else f"{value:,.0f}"
-
-
-def _ratio(reference: float | None, median: float) -> float | None:
-    return None if reference is None or median <= 0 else reference / median
-
-
-def _table(header: list[str], rows: list[list[str]], note: bool) -> str:
-    """First column (and the last when ``note``) left-aligned, numbers right-aligned."""
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    last = len(header) - 1
-
-    def line(cells: list[str]) -> str:
-        out = [c.ljust(w) if i == 0 or (note and i == last) else c.rjust(w)
-               for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
-        return "  ".join(out).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 
 def render(group: Group) -> str:
@@ -265,13 +243,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"no results in {results} (pytest exited with {code})", file=sys.stderr)
         return code or 1
     groups = load(results)
-    if not groups:
+    entries = tables.load(results)
+    if not groups and not entries:
         print(f"{results} holds no timed benchmarks (--benchmark-disable?)", file=sys.stderr)
         return code
     print()
     print(machine(results))
     print()
-    print(report(groups))
+    print("\n\n".join(text for text in (report(groups), tables.report(entries)) if text))
     for path in plot(groups, args.plots):
         print(f"plot: {path}")
     return code

@@ -1,0 +1,296 @@
+"""The four ways the daemon benchmarks (issue 4) reach a snapshotter.
+
+* ``in-process``: an ``OverlaySnapshotter`` in the benchmark's own process;
+* ``daemon``: our daemon (``python -m overlay.cli serve``, log level info, as
+  deployed) on its own root, through ``RemoteSnapshotter`` on its socket;
+* ``containerd → overlayfs`` and ``containerd → ovl``: one private containerd
+  1.6 (as ``tests.integration.containerd_env.containerd_stack`` starts it, with
+  the daemon behind ``proxy_plugins.ovl``, but at log level info), reached
+  with the same client on containerd's socket, in namespace ``bench``, with
+  ``snapshotter`` set to containerd's built-in ``overlayfs`` or to our proxy
+  ``ovl``.
+
+The daemon contender has a daemon of its own: containerd's garbage collector
+removes every backend snapshot it has no record of, so a client talking to
+the daemon behind containerd directly would lose its snapshots mid-run.
+
+containerd also collects every snapshot that nothing references, actives
+included, so its contenders work under a lease (``containerd-lease`` header),
+as containerd's own unpacker does.  Everything of one filesystem lives in one
+work directory on it (both daemons' roots, containerd's root and state), the
+sockets in a short private directory under /tmp.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.config import Filesystem
+from bench.workloads import listdir_count, populate
+from overlay.client import RemoteSnapshotter
+from overlay.overlayfs import OverlaySnapshotter
+from overlay.server.snapshots import LEASE_HEADER
+from overlay.snapshots import Snapshotter
+from tests.integration.containerd_env import (
+    PLUGIN,
+    Stack,
+    _config,
+    _stop,
+    _wait_for_socket,
+    require_containerd,
+)
+
+__all__ = [
+    "CONTAINERD_CONTENDERS",
+    "CONTENDERS",
+    "NAMESPACE",
+    "Backends",
+    "ContainerdSnapshots",
+    "Contender",
+    "Daemon",
+    "ovl_daemon",
+]
+
+NAMESPACE = "bench"
+LEASE = "bench-lease"
+#: seconds a client call may take before the benchmark gives up
+CALL_TIMEOUT = 120.0
+#: seconds to wait for deferred deletions (ours, containerd's GC) to finish
+SETTLE_TIMEOUT = 120.0
+#: ... or until the backend's directories have not changed for this long
+QUIET_SECONDS = 1.0
+BUILTIN = "overlayfs"
+
+
+@dataclass(frozen=True, slots=True)
+class Contender:
+    id: str
+    label: str
+
+
+CONTENDERS: tuple[Contender, ...] = (
+    Contender("inproc", "in-process"),
+    Contender("daemon", "daemon (unix socket)"),
+    Contender("ctd-overlayfs", f"containerd -> {BUILTIN} (built-in)"),
+    Contender("ctd-ovl", f"containerd -> {PLUGIN} (our proxy)"),
+)
+CONTAINERD_CONTENDERS = ("ctd-overlayfs", "ctd-ovl")
+
+
+class ContainerdSnapshots(RemoteSnapshotter):
+    """``RemoteSnapshotter`` on containerd's socket that also sends a lease.
+
+    The client has no lease option, so the header is appended to the
+    metadata it sends with every call (its ``_metadata``).
+    """
+
+    def __init__(self, address: str, *, namespace: str, snapshotter: str, lease: str,
+                 timeout: float) -> None:
+        super().__init__(address, namespace=namespace, snapshotter=snapshotter, timeout=timeout)
+        self._metadata = (*self._metadata, (LEASE_HEADER, lease))
+
+
+@dataclass
+class Daemon:
+    root: Path
+    sock: Path
+    log: Path
+    process: subprocess.Popen[bytes]
+
+
+@contextlib.contextmanager
+def ovl_daemon(workdir: Path, log_level: str = "info") -> Iterator[Daemon]:
+    """``python -m overlay.cli serve`` on ``workdir/root``; stopped at exit."""
+    sockdir = Path(tempfile.mkdtemp(prefix="ovl-bench-", dir="/tmp"))
+    sock = sockdir / "ovl.sock"
+    log = workdir / "daemon.log"
+    try:
+        with open(log, "wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "overlay.cli", "serve", "--root", str(workdir / "root"),
+                 "--address", str(sock), "--log-level", log_level],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            _wait_for_socket(sock, process, "ovl serve")
+            yield Daemon(workdir / "root", sock, log, process)
+        finally:
+            _stop(process, timeout=60)
+    finally:
+        shutil.rmtree(sockdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def containerd_stack(workdir: Path, log_level: str = "info") -> Iterator[Stack]:
+    """``tests.integration.containerd_env.containerd_stack`` at ``log_level``
+    (that one logs at debug: a few lines per call, in both daemons' way):
+    our daemon, then a private containerd with it as ``proxy_plugins.ovl``;
+    both always stopped (tasks, shims and mounts under ``workdir`` too)."""
+    require_containerd()
+    sockdir = Path(tempfile.mkdtemp(prefix="ovl-ctd-", dir="/tmp"))
+    stack = Stack(
+        workdir=workdir, sockdir=sockdir, root=workdir / "ovl",
+        ovl_sock=sockdir / "ovl.sock", ctd_sock=sockdir / "ctd.sock",
+        ctd_root=workdir / "containerd" / "root", ctd_state=workdir / "containerd" / "state",
+        ovl_log=workdir / "ovl.log", ctd_log=workdir / "containerd.log",
+        runc_root=workdir / "containerd" / "runc",
+    )
+    try:
+        with open(stack.ovl_log, "wb") as log:
+            stack.daemon = subprocess.Popen(
+                [sys.executable, "-m", "overlay.cli", "serve", "--root", str(stack.root),
+                 "--address", str(stack.ovl_sock), "--log-level", log_level],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        with stack.logs_on_failure():
+            _wait_for_socket(stack.ovl_sock, stack.daemon, "ovl serve")
+        config = workdir / "containerd.toml"
+        config.write_text(_config(stack))
+        with open(stack.ctd_log, "wb") as log:
+            stack.containerd = subprocess.Popen(
+                ["containerd", "--config", str(config), "--log-level", log_level],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        with stack.logs_on_failure():
+            _wait_for_socket(stack.ctd_sock, stack.containerd, "containerd")
+            plugins = stack.ctr("default", "plugins", "ls")
+            for name in (BUILTIN, PLUGIN):
+                if not any(line.split()[:2] == ["io.containerd.snapshotter.v1", name]
+                           and line.split()[-1] == "ok" for line in plugins.splitlines()):
+                    raise AssertionError(f"containerd has no working snapshotter {name}:\n"
+                                         + plugins)
+        yield stack
+    finally:
+        try:
+            stack.stop_containerd()
+        finally:
+            if stack.daemon is not None:
+                _stop(stack.daemon, timeout=60)
+            shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def _wait(done: Callable[[], bool], timeout: float = SETTLE_TIMEOUT) -> float | None:
+    """Poll ``done``; the seconds it took, or None after ``timeout``."""
+    start = time.monotonic()
+    while not done():
+        if time.monotonic() - start > timeout:
+            return None
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def _quiet(measure: Callable[[], tuple[int, ...]], done: Callable[[tuple[int, ...]], bool],
+           still: float = QUIET_SECONDS, timeout: float = SETTLE_TIMEOUT) -> float | None:
+    """Poll ``measure`` until ``done`` says so, or until it has not changed for
+    ``still`` seconds; the seconds it took, or None after ``timeout``."""
+    start = since = time.monotonic()
+    last = measure()
+    while not done(last):
+        time.sleep(0.05)
+        now = time.monotonic()
+        current = measure()
+        if current != last:
+            last, since = current, now
+        elif now - since >= still:
+            break
+        if now - start > timeout:
+            return None
+    return time.monotonic() - start
+
+
+class Backends:
+    """The contenders of one filesystem, started on first use, stopped at ``close``."""
+
+    def __init__(self, fs: Filesystem, workdir: Path) -> None:
+        self.fs = fs
+        self.workdir = workdir
+        self._exit = contextlib.ExitStack()
+        self._clients: dict[str, Snapshotter] = {}
+        self._inproc: OverlaySnapshotter | None = None
+        self._daemon: Daemon | None = None
+        self._stack: Stack | None = None
+
+    def close(self) -> None:
+        try:
+            for client in self._clients.values():
+                client.close()
+        finally:
+            self._clients.clear()
+            self._exit.close()
+
+    def _containerd(self) -> Stack:
+        if self._stack is None:
+            work = self.workdir / "containerd"
+            work.mkdir()
+            # starts our daemon too; skips (fails under CI=true) without containerd
+            self._stack = self._exit.enter_context(containerd_stack(work))
+            self._stack.ctr(NAMESPACE, "leases", "create", "--id", LEASE, "--expires", "0")
+        return self._stack
+
+    def client(self, contender: str) -> Snapshotter:
+        """The snapshotter of ``contender`` (a ``Contender.id``), warmed up."""
+        if contender in self._clients:
+            return self._clients[contender]
+        client: Snapshotter
+        if contender == "inproc":
+            self._inproc = OverlaySnapshotter(self.workdir / "inproc")
+            client = self._inproc
+        elif contender == "daemon":
+            work = self.workdir / "daemon"
+            work.mkdir()
+            self._daemon = self._exit.enter_context(ovl_daemon(work))
+            client = RemoteSnapshotter(str(self._daemon.sock), timeout=CALL_TIMEOUT)
+        elif contender in CONTAINERD_CONTENDERS:
+            stack = self._containerd()
+            client = ContainerdSnapshots(
+                str(stack.ctd_sock), namespace=NAMESPACE, lease=LEASE, timeout=CALL_TIMEOUT,
+                snapshotter=BUILTIN if contender == "ctd-overlayfs" else PLUGIN)
+        else:
+            raise ValueError(f"unknown contender {contender!r}")
+        self._clients[contender] = client
+        # Warm up (connections, first transactions) outside every timing.
+        for name in populate(client, "warmup", 3):
+            client.remove(name)
+        self.settle(contender, 0)
+        return client
+
+    def settle(self, contender: str, live: int) -> float | None:
+        """Let deferred deletions finish before a round: reclaim what earlier
+        rounds removed and wait until the backend holds ``live`` snapshot
+        directories and an empty trash.  The seconds waited, None on timeout.
+
+        In-process: ``cleanup()``.  Daemon: ``cleanup()`` moves the orphans to
+        the trash, its worker thread empties it.  Through containerd, its
+        garbage collector removes and cleans up the backend snapshots on its
+        own schedule (while the rounds run, too): only wait for it.
+        """
+        if contender == "inproc":
+            assert self._inproc is not None
+            self._inproc.cleanup()
+            return 0.0
+        if contender == "daemon":
+            assert self._daemon is not None
+            self._clients[contender].cleanup()
+            return self._settled(self._daemon.root, live)
+        # containerd's collector may leave the last removed snapshot or two for
+        # its next run (a removal racing the run that was already going): so
+        # also accept a backend that has stopped changing.
+        stack = self._containerd()
+        if contender == "ctd-ovl":
+            root = stack.root
+            return _quiet(lambda: (listdir_count(root / "snapshots"),
+                                   listdir_count(root / "trash")),
+                          lambda c: c[0] <= live and c[1] == 0)
+        root = stack.ctd_root / f"io.containerd.snapshotter.v1.{BUILTIN}"
+        return _quiet(lambda: (listdir_count(root / "snapshots"),), lambda c: c[0] <= live)
+
+    @staticmethod
+    def _settled(root: Path, live: int) -> float | None:
+        return _wait(lambda: listdir_count(root / "snapshots") <= live
+                     and listdir_count(root / "trash") == 0)
+

@@ -1,0 +1,115 @@
+"""Issue 4: one metadata workload in-process, through our daemon, and through containerd.
+
+Contenders (``bench.services``): an ``OverlaySnapshotter`` in-process; our
+daemon over its unix socket; and one private containerd 1.6 reached with the
+same gRPC client on its socket, in one namespace under a lease, with
+``snapshotter`` set to its built-in ``overlayfs`` or to our proxy ``ovl``.
+All four keep their roots on the same filesystem, and run side by side in
+one run.
+
+* ``cycle``: prepare → commit → stat → remove, ``1000 x BENCH_SCALE`` times
+  per round; each operation's share is timed too (``op_seconds``).
+* ``walk``: one walk (containerd: List) over ``1000 x BENCH_SCALE`` committed
+  snapshots per round.
+
+Before each round (untimed) the removed snapshots of the previous one are
+reclaimed: ``cleanup()`` in-process and on the daemon; through containerd
+its garbage collector does it on its own schedule (during the rounds too, as
+it would in production), and the round waits until the backend is back to
+its live snapshots.  Measured, never asserted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.config import Benchmark, rounds, snapshot_filesystems
+from bench.services import CONTENDERS, Backends, Contender
+from bench.support import filesystem
+from bench.trees import scale
+from bench.workloads import (
+    CYCLE_OPS,
+    count,
+    cycle,
+    fresh_keys,
+    populate,
+    record_op_rate,
+    remove_all,
+    walk_count,
+)
+from overlay import _native
+
+FS_CASES = [pytest.param(fs, id=fs) for fs in snapshot_filesystems()]
+
+
+@pytest.fixture(scope="module")
+def backends(request: pytest.FixtureRequest) -> Iterator[Backends]:
+    fs = filesystem(request, request.param)
+    work = Path(tempfile.mkdtemp(dir=fs.path, prefix="daemon-"))
+    b = Backends(fs, work)
+    try:
+        yield b
+    finally:
+        try:
+            b.close()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                _native.remove_tree(work)
+
+
+def _describe(benchmark: Benchmark, workload: str, b: Backends, contender: Contender,
+              n: int, description: str) -> int:
+    nr = rounds()
+    benchmark.group = f"daemon: {workload} on {b.fs.name}"
+    benchmark.extra_info.update(
+        kind="daemon", workload=workload, fs=b.fs.name, contender=contender.label,
+        contender_id=contender.id, snapshots=n, scale=scale(), rounds=nr,
+        description=description,
+    )
+    return nr
+
+
+@pytest.mark.parametrize("contender", CONTENDERS, ids=[c.id for c in CONTENDERS])
+@pytest.mark.parametrize("backends", FS_CASES, indirect=True)
+def test_cycle(benchmark: Benchmark, backends: Backends, contender: Contender) -> None:
+    sn = backends.client(contender.id)
+    n = count()
+    per_round: list[dict[str, float]] = []
+    waits: list[float | None] = []
+
+    def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        waits.append(backends.settle(contender.id, 0))
+        return (fresh_keys("cycle", n),), {}
+
+    def run(keys: list[str]) -> None:
+        per_round.append(cycle(sn, keys))
+
+    nr = _describe(benchmark, "cycle", backends, contender, n,
+                   f"prepare -> commit -> stat -> remove, {n:,} cycles per round")
+    benchmark.pedantic(run, setup=setup, rounds=nr, iterations=1)
+    benchmark.extra_info["op_seconds"] = {op: [r[op] for r in per_round] for op in CYCLE_OPS}
+    benchmark.extra_info["unsettled_rounds"] = sum(w is None for w in waits)
+    record_op_rate(benchmark, len(CYCLE_OPS) * n, cycles=n)
+
+
+@pytest.mark.parametrize("contender", CONTENDERS, ids=[c.id for c in CONTENDERS])
+@pytest.mark.parametrize("backends", FS_CASES, indirect=True)
+def test_walk(benchmark: Benchmark, backends: Backends, contender: Contender) -> None:
+    sn = backends.client(contender.id)
+    n = count()
+    names = populate(sn, "walk", n)
+    try:
+        settled = backends.settle(contender.id, n)
+        nr = _describe(benchmark, "walk", backends, contender, n,
+                       f"one walk (containerd: List) over {n:,} committed snapshots per round")
+        benchmark.extra_info.update(walked=walk_count(sn), unsettled_rounds=int(settled is None))
+        benchmark.pedantic(walk_count, args=(sn,), rounds=nr, iterations=1)
+        record_op_rate(benchmark, n)
+    finally:
+        remove_all(sn, names)
