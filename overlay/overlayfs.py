@@ -360,13 +360,9 @@ class OverlaySnapshotter:
 
     # ----------------------------------------------------------------- cleanup
 
-    def _fs_path(self) -> tuple[str, str] | None:
+    def _fs_path(self, table: Sequence[MountInfo]) -> tuple[str, str] | None:
         """(device, path of snapshots/ inside its filesystem), for matching
         bind mounts in mountinfo."""
-        try:
-            table = mount_table()
-        except OSError:
-            return None
         real = os.path.realpath(self._snapshots)
         best: MountInfo | None = None
         for m in table:
@@ -389,7 +385,8 @@ class OverlaySnapshotter:
             return {}
         busy: dict[str, str] = {}
         snapshots = os.path.realpath(self._snapshots)
-        fs = self._fs_path()
+        table = mount_table()  # read once: it is the costly part of a cleanup
+        fs = self._fs_path(table)
 
         def owner(path: str, base: str) -> str | None:
             if not (path == base or path.startswith(base.rstrip("/") + "/")):
@@ -397,7 +394,7 @@ class OverlaySnapshotter:
             rest = os.path.relpath(path, base).split("/", 1)[0]
             return rest if rest in wanted else None
 
-        for m in mount_table():
+        for m in table:
             hits = {owner(m.target, snapshots)}
             for p in m.layer_paths():
                 if p.startswith("/"):
