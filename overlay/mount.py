@@ -226,7 +226,9 @@ def _mount_overlay_legacy(
             f"even with relative paths ({len(data)} bytes); this kernel lacks the new mount "
             "API's 'lowerdir+' (Linux >= 6.8), which mounts stacks of up to 500 layers"
         )
-    _native.mount_at(common, m.source, target, "overlay", flags, data)
+    # overlayfs ignores the source; naming the base directory there lets a
+    # reader of mountinfo resolve the relative layer paths (cleanup's busy check)
+    _native.mount_at(common, common, target, "overlay", flags, data)
 
 
 def _mount_one(m: Mount, target: str, strategy: OverlayStrategy) -> None:

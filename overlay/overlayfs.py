@@ -399,9 +399,12 @@ class OverlaySnapshotter:
             for p in m.layer_paths():
                 if p.startswith("/"):
                     hits.add(owner(p, snapshots))
+                elif m.source.startswith("/"):
+                    # our own relative mounts name their base as the source
+                    hits.add(owner(os.path.normpath(os.path.join(m.source, p)), snapshots))
                 else:
-                    # a relative layer path: we cannot know its base, so
-                    # any orphan it could name counts as busy
+                    # a relative layer path with an unknown base (containerd
+                    # compacts deep stacks so): any orphan it could name is busy
                     first = os.path.normpath(p).split("/", 1)[0]
                     hits.add(first if first in wanted else None)
             if fs is not None and m.device == fs[0] and m.root != "/":

@@ -232,3 +232,46 @@ def test_root_without_dtype_is_refused(no_dtype_root: Path) -> None:
     assert "ftype=1" in str(info.value)
     assert sorted(os.listdir(no_dtype_root)) == ["lost+found", "root"]
     assert os.listdir(no_dtype_root / "root") == []
+
+
+def test_relative_layer_mounts_are_matched_to_their_own_root(tmpfs: Path) -> None:
+    """A deep stack mounted with relative layer paths names its base as the
+    mount source: its layers are busy in their own root, and same-named
+    orphans of another root are not."""
+    from overlay.mount import OverlayStrategy
+
+    a = OverlaySnapshotter(tmpfs / "root-a")
+    b = OverlaySnapshotter(tmpfs / "root-b")
+    target = tmpfs / "stack"
+    target.mkdir()
+    try:
+        parent = ""
+        for i in range(130):
+            a.prepare(f"k{i}", parent)
+            a.commit(f"c{i}", f"k{i}")
+            parent = f"c{i}"
+        a.view("v", parent)
+        mounts = a.mounts("v")
+        assert len(",".join(mounts[0].options)) > 4096  # cannot go absolute
+        mount_all(mounts, target, strategy=OverlayStrategy.LEGACY)
+        try:
+            for key in ("x", "y"):
+                b.prepare(key)
+                b.remove(key)
+            report_b = b.cleanup()
+            assert report_b.busy == ()
+            assert report_b.directories == 2
+            a.remove("v")
+            for i in reversed(range(130)):
+                a.remove(f"c{i}")
+            report_a = a.cleanup()
+            busy = sorted(int(Path(p).name) for p, _ in report_a.busy)
+            assert busy == list(range(1, 131))
+            assert len(dirs(a)[0]) == 130
+        finally:
+            unmount(target)
+        assert a.cleanup().directories == 130
+        assert dirs(a) == ([], [])
+    finally:
+        a.close()
+        b.close()
