@@ -24,8 +24,11 @@ How it keeps its promises:
   cleanup; a create that meets one under its own id moves it to the trash
   first).
 
-Several processes may share one root: LMDB's lock serialises their writers,
-and the trash tolerates two removers.
+Several processes may share one root (the daemon and ``ovl --root``, say):
+LMDB's lock serialises their writers, and each trash entry is locked while it
+is deleted.  Within one process a root is opened once: a second
+``OverlaySnapshotter`` on it is refused with UnavailableError (LMDB allows one
+environment per file and process), so share the instance between threads.
 """
 
 from __future__ import annotations
