@@ -44,10 +44,9 @@ Where we differ from containerd, on purpose
   trailing space; every filter it accepts means the same here.
 * An unquoted value may start with ``.`` (``name~=.*foo``); containerd's
   scanner takes that dot for a field separator and rejects the filter.
-* Regexps run on Python's :mod:`re`, not RE2: Python-only syntax
-  (look-around, back references) is accepted, Go-only syntax (``\\pL``,
-  ``\\z``, ``[[:alpha:]]``, flags in mid-pattern) is not or means something
-  else, and ``$`` also matches before a final newline.
+* Regexps run on RE2 (google-re2), the engine whose syntax Go's regexp
+  implements, so ``~=`` means what it means in containerd, and matching takes
+  linear time: a client cannot stall the daemon with a catastrophic pattern.
 * A quoted string that is not valid UTF-8 once unescaped (``"\\xff"``), or a
   ``\\u`` escape naming a surrogate, is an error rather than a value no label
   can ever equal.
@@ -63,6 +62,8 @@ import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol, TypeAlias
+
+import re2
 
 from overlay.errors import InvalidArgumentError
 from overlay.snapshots import Info, Kind
@@ -150,7 +151,7 @@ class Selector:
     fieldpath: tuple[str, ...]
     operator: Operator = Operator.PRESENT
     value: str = ""
-    pattern: re.Pattern[str] | None = None
+    pattern: Regexp | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.fieldpath, tuple):
@@ -306,15 +307,24 @@ class _RegexpError(Exception):
         self.reason = reason
 
 
-def _compile(value: str) -> re.Pattern[str]:
+class Regexp(Protocol):
+    """A compiled ``~=`` pattern (RE2)."""
+
+    def search(self, text: str) -> object | None: ...
+
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a bad pattern is the client's error, not our log's
+
+
+def _compile(value: str) -> Regexp:
     try:
-        return re.compile(value)
-    except re.error as exc:
-        where = f" at offset {exc.pos} of the expression" if exc.pos is not None else ""
-        reason = f"invalid regular expression {value!r}: {exc.msg}{where}"
-        raise _RegexpError(reason) from exc
-    except (OverflowError, RecursionError) as exc:
-        raise _RegexpError(f"invalid regular expression {value!r}: {exc}") from exc
+        compiled: Regexp = re2.compile(value, _RE2_OPTIONS)
+    except re2.error as exc:
+        detail = exc.args[0].decode(errors="replace") if exc.args and isinstance(
+            exc.args[0], bytes) else str(exc)
+        raise _RegexpError(f"invalid regular expression {value!r}: {detail}") from exc
+    return compiled
 
 
 def _describe(text: str, pos: int, reason: str) -> str:
