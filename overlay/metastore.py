@@ -109,6 +109,7 @@ __all__ = [
     "Snapshot",
     "StoreStats",
     "Txn",
+    "children",
     "commit_active",
     "create_snapshot",
     "dump",
@@ -839,6 +840,32 @@ def walk_info(txn: Txn, fn: Callable[[Info], None], *filters: str) -> None:
         info = _info(rec)
         if flt.match(info_adaptor(info)):
             fn(info)
+
+
+@_guard
+def children(txn: Txn, parent: str) -> list[Info]:
+    """The snapshots whose parent is ``parent``, found through the back links
+    (no scan); ``""`` gives every snapshot without a parent (a scan).  An
+    unknown parent has none."""
+    if not parent:
+        return [_info(rec) for rec in _iter_records(txn) if not rec.parent]
+    prec = _load(txn, _key(parent, "parent"))
+    if prec is None:
+        return []
+    prefix = _U64.pack(prec.id)
+    keys: list[bytes] = []
+    with txn._use().cursor(db=txn._parents) as cur:
+        if cur.set_range(prefix):
+            for link, child in cur:
+                if bytes(link[: len(prefix)]) != prefix:
+                    break
+                keys.append(bytes(child))
+    out = []
+    for raw in keys:
+        rec = _load(txn, raw)
+        if rec is not None:
+            out.append(_info(rec))
+    return out
 
 
 @_guard

@@ -262,14 +262,12 @@ class OverlaySnapshotter:
         target = labels.get(LABEL_SNAPSHOT_REF)
         if not target:
             return
-        hits: list[str] = []
-
-        def match(info: Info) -> None:
-            if (info.kind is Kind.COMMITTED and info.parent == parent
-                    and info.labels.get(LABEL_SNAPSHOT_REF) == target):
-                hits.append(info.name)
-
-        metastore.walk_info(txn, match)
+        # through the parent's back links: no scan of the store (but for a
+        # base layer, whose siblings are every parentless snapshot)
+        hits = [
+            info.name for info in metastore.children(txn, parent)
+            if info.kind is Kind.COMMITTED and info.labels.get(LABEL_SNAPSHOT_REF) == target
+        ]
         if hits:
             raise AlreadyExistsError(
                 f"target snapshot {target!r} (parent {parent!r}) exists as {hits[0]!r}: "

@@ -1247,3 +1247,23 @@ def test_stats(base: MetaStore) -> None:
     assert st.page_size > 0
     assert 0 < st.used_bytes <= Path(base.path).stat().st_size
     assert 1 <= st.readers <= st.max_readers
+
+
+def test_children_follow_the_back_links(store: MetaStore) -> None:
+    with store.transaction(write=True) as txn:
+        ms.create_snapshot(txn, Kind.ACTIVE, "base-a")
+        ms.commit_active(txn, "base-a", "A", Usage())
+        ms.create_snapshot(txn, Kind.ACTIVE, "base-b")
+        ms.create_snapshot(txn, Kind.ACTIVE, "c1", "A")
+        ms.commit_active(txn, "c1", "C1", Usage(), {"l": "1"})
+        ms.create_snapshot(txn, Kind.VIEW, "v", "A")
+        ms.create_snapshot(txn, Kind.ACTIVE, "deeper", "C1")
+    with store.transaction() as txn:
+        assert sorted((i.name, i.kind) for i in ms.children(txn, "A")) == [
+            ("C1", Kind.COMMITTED), ("v", Kind.VIEW)]
+        assert [i.labels for i in ms.children(txn, "A") if i.name == "C1"] == [
+            {"l": "1"}]
+        assert sorted(i.name for i in ms.children(txn, "")) == ["A", "base-b"]
+        assert [i.name for i in ms.children(txn, "C1")] == ["deeper"]
+        assert ms.children(txn, "deeper") == []
+        assert ms.children(txn, "missing") == []
