@@ -42,11 +42,10 @@ from overlay.snapshots import Snapshotter
 from tests.integration.containerd_env import (
     PLUGIN,
     Stack,
-    _config,
     _stop,
     _wait_for_socket,
-    require_containerd,
 )
+from tests.integration.containerd_env import containerd_stack as _containerd_stack
 
 __all__ = [
     "CONTAINERD_CONTENDERS",
@@ -129,49 +128,12 @@ def ovl_daemon(workdir: Path, log_level: str = "info") -> Iterator[Daemon]:
 
 @contextlib.contextmanager
 def containerd_stack(workdir: Path, log_level: str = "info") -> Iterator[Stack]:
-    """``tests.integration.containerd_env.containerd_stack`` at ``log_level``
-    (that one logs at debug: a few lines per call, in both daemons' way):
-    our daemon, then a private containerd with it as ``proxy_plugins.ovl``;
-    both always stopped (tasks, shims and mounts under ``workdir`` too)."""
-    require_containerd()
-    sockdir = Path(tempfile.mkdtemp(prefix="ovl-ctd-", dir="/tmp"))
-    stack = Stack(
-        workdir=workdir, sockdir=sockdir, root=workdir / "ovl",
-        ovl_sock=sockdir / "ovl.sock", ctd_sock=sockdir / "ctd.sock",
-        ctd_root=workdir / "containerd" / "root", ctd_state=workdir / "containerd" / "state",
-        ovl_log=workdir / "ovl.log", ctd_log=workdir / "containerd.log",
-        runc_root=workdir / "containerd" / "runc",
-    )
-    try:
-        with open(stack.ovl_log, "wb") as log:
-            stack.daemon = subprocess.Popen(
-                [sys.executable, "-m", "overlay.cli", "serve", "--root", str(stack.root),
-                 "--address", str(stack.ovl_sock), "--log-level", log_level],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        with stack.logs_on_failure():
-            _wait_for_socket(stack.ovl_sock, stack.daemon, "ovl serve")
-        config = workdir / "containerd.toml"
-        config.write_text(_config(stack))
-        with open(stack.ctd_log, "wb") as log:
-            stack.containerd = subprocess.Popen(
-                ["containerd", "--config", str(config), "--log-level", log_level],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        with stack.logs_on_failure():
-            _wait_for_socket(stack.ctd_sock, stack.containerd, "containerd")
-            plugins = stack.ctr("default", "plugins", "ls")
-            for name in (BUILTIN, PLUGIN):
-                if not any(line.split()[:2] == ["io.containerd.snapshotter.v1", name]
-                           and line.split()[-1] == "ok" for line in plugins.splitlines()):
-                    raise AssertionError(f"containerd has no working snapshotter {name}:\n"
-                                         + plugins)
+    """The tests' stack (our daemon, then a private containerd with it as
+    ``proxy_plugins.ovl``; both always stopped) at ``log_level`` rather than
+    debug, with the built-in overlayfs checked too."""
+    with _containerd_stack(workdir, log_level=log_level,
+                           snapshotters=(BUILTIN, PLUGIN)) as stack:
         yield stack
-    finally:
-        try:
-            stack.stop_containerd()
-        finally:
-            if stack.daemon is not None:
-                _stop(stack.daemon, timeout=60)
-            shutil.rmtree(sockdir, ignore_errors=True)
 
 
 def _wait(done: Callable[[], bool], timeout: float = SETTLE_TIMEOUT) -> float | None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import socket
 import stat
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -134,3 +137,24 @@ def snapshot_tree(root: Path, *, contents: bool = True) -> dict[str, tuple[Any, 
 
     visit(base)
     return out
+
+
+def wait_for_socket(path: Path, proc: subprocess.Popen[Any], name: str,
+                    timeout: float = 30.0) -> None:
+    """Wait until something accepts connections on the unix socket ``path``;
+    fail at once (with its stderr, when piped) if ``proc`` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = proc.communicate()[1] if proc.stderr is not None else ""
+            raise AssertionError(f"{name} exited with status {proc.returncode} before "
+                                 f"listening: {err}")
+        if path.exists():
+            with socket.socket(socket.AF_UNIX) as s:
+                try:
+                    s.connect(str(path))
+                    return
+                except OSError:
+                    pass
+        time.sleep(0.05)
+    raise AssertionError(f"{name} did not listen on {path} within {timeout:g}s")

@@ -20,13 +20,12 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import pytest
 
 from overlay.client import RemoteSnapshotter
 from overlay.snapshots import Info
-from tests.helpers import unmount_all_under
+from tests.helpers import unmount_all_under, wait_for_socket
 from tests.integration.oci_image import BUSYBOX
 
 __all__ = [
@@ -90,21 +89,7 @@ def wait_until(predicate: Callable[[], bool], what: Callable[[], str], timeout: 
         time.sleep(interval)
 
 
-def _wait_for_socket(path: Path, proc: subprocess.Popen[bytes], name: str,
-                     timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"{name} exited with status {proc.returncode} before listening")
-        if path.exists():
-            with socket.socket(socket.AF_UNIX) as s:
-                try:
-                    s.connect(str(path))
-                    return
-                except OSError:
-                    pass
-        time.sleep(0.05)
-    raise AssertionError(f"{name} did not listen on {path} within {timeout:g}s")
+_wait_for_socket = wait_for_socket
 
 
 def _stop(proc: subprocess.Popen[bytes], timeout: float) -> int:
@@ -269,8 +254,12 @@ disabled_plugins = [
 
 
 @contextlib.contextmanager
-def containerd_stack(workdir: Path) -> Iterator[Stack]:
-    """Our daemon and a private containerd using it; both always stopped."""
+def containerd_stack(workdir: Path, *, log_level: str = "debug",
+                     snapshotters: Sequence[str] = (PLUGIN,)) -> Iterator[Stack]:
+    """Our daemon and a private containerd using it; both always stopped.
+
+    Both log at ``log_level``; containerd must report every one of
+    ``snapshotters`` working."""
     require_containerd()
     sockdir = Path(tempfile.mkdtemp(prefix="ovl-ctd-", dir="/tmp"))
     stack = Stack(
@@ -285,7 +274,7 @@ def containerd_stack(workdir: Path) -> Iterator[Stack]:
         with open(stack.ovl_log, "wb") as log:
             stack.daemon = subprocess.Popen(
                 [sys.executable, "-m", "overlay.cli", "serve", "--root", str(stack.root),
-                 "--address", str(stack.ovl_sock), "--log-level", "debug"],
+                 "--address", str(stack.ovl_sock), "--log-level", log_level],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         with stack.logs_on_failure():
             _wait_for_socket(stack.ovl_sock, stack.daemon, "ovl serve")
@@ -293,13 +282,16 @@ def containerd_stack(workdir: Path) -> Iterator[Stack]:
         config.write_text(_config(stack))
         with open(stack.ctd_log, "wb") as log:
             stack.containerd = subprocess.Popen(
-                ["containerd", "--config", str(config), "--log-level", "debug"],
+                ["containerd", "--config", str(config), "--log-level", log_level],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         with stack.logs_on_failure():
             _wait_for_socket(stack.ctd_sock, stack.containerd, "containerd")
             plugins = stack.ctr("default", "plugins", "ls")
-            assert any(line.split()[:2] == ["io.containerd.snapshotter.v1", PLUGIN]
-                       and line.split()[-1] == "ok" for line in plugins.splitlines()), plugins
+            for name in snapshotters:
+                if not any(line.split()[:2] == ["io.containerd.snapshotter.v1", name]
+                           and line.split()[-1] == "ok" for line in plugins.splitlines()):
+                    raise AssertionError(f"containerd has no working snapshotter {name}:\n"
+                                         + plugins)
         yield stack
     finally:
         try:

@@ -21,6 +21,7 @@ from overlay.client import RemoteSnapshotter
 from overlay.errors import NotFoundError, UnavailableError
 from overlay.overlayfs import OverlaySnapshotter
 from overlay.snapshots import Info
+from tests.helpers import wait_for_socket
 
 SERVE = [sys.executable, "-m", "overlay.cli", "serve"]
 
@@ -35,23 +36,6 @@ def sockdir() -> Iterator[Path]:
         for p in d.iterdir():
             p.unlink()
         d.rmdir()
-
-
-def wait_for_socket(path: Path, proc: subprocess.Popen[str], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            _, err = proc.communicate()
-            raise AssertionError(f"daemon exited {proc.returncode}: {err}")
-        if path.exists():
-            with socket.socket(socket.AF_UNIX) as s:
-                try:
-                    s.connect(str(path))
-                    return
-                except OSError:
-                    pass
-        time.sleep(0.05)
-    raise AssertionError(f"daemon did not listen on {path} within {timeout}s")
 
 
 def start(args: list[str]) -> subprocess.Popen[str]:
@@ -75,7 +59,7 @@ def daemon(tmpfs: Path, sockdir: Path) -> Iterator[tuple[Path, Path, subprocess.
     root, sock = tmpfs / "root", sockdir / "ovl.sock"
     proc = start(["--root", str(root), "--address", str(sock)])
     try:
-        wait_for_socket(sock, proc)
+        wait_for_socket(sock, proc, "ovl serve")
         yield root, sock, proc
     finally:
         stop(proc)
@@ -116,7 +100,7 @@ def test_stale_socket_is_replaced_live_one_refused(tmpfs: Path, sockdir: Path) -
     stale.close()  # a socket file nobody listens on
     first = start(["--root", str(tmpfs / "a"), "--address", str(sock)])
     try:
-        wait_for_socket(sock, first)
+        wait_for_socket(sock, first, "ovl serve")
         second = start(["--root", str(tmpfs / "b"), "--address", str(sock)])
         second.wait(timeout=60)
         code, err = stop(second)
@@ -221,7 +205,7 @@ def test_metrics(tmpfs: Path, sockdir: Path) -> None:
     proc = start(["--root", str(tmpfs / "root"), "--address", str(sock),
                   "--metrics-address", f"127.0.0.1:{port}"])
     try:
-        wait_for_socket(sock, proc)
+        wait_for_socket(sock, proc, "ovl serve")
         with RemoteSnapshotter(str(sock)) as client:
             client.prepare("a")
             client.prepare("b")
@@ -255,7 +239,7 @@ def test_config_file_and_flags(tmpfs: Path, sockdir: Path) -> None:
                       'upperdir_label = true\nlog_level = "debug"\n')
     proc = start(["--config", str(config), "--root", str(tmpfs / "from-flag")])
     try:
-        wait_for_socket(sock, proc)
+        wait_for_socket(sock, proc, "ovl serve")
         with RemoteSnapshotter(str(sock)) as client:
             client.prepare("k")
             labels = client.stat("k").labels
