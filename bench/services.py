@@ -39,11 +39,11 @@ from overlay.client import RemoteSnapshotter
 from overlay.overlayfs import OverlaySnapshotter
 from overlay.server.snapshots import LEASE_HEADER
 from overlay.snapshots import Snapshotter
+from tests.helpers import wait_for_socket
 from tests.integration.containerd_env import (
     PLUGIN,
     Stack,
     _stop,
-    _wait_for_socket,
 )
 from tests.integration.containerd_env import containerd_stack as _containerd_stack
 
@@ -118,7 +118,7 @@ def ovl_daemon(workdir: Path, log_level: str = "info") -> Iterator[Daemon]:
                  "--address", str(sock), "--log-level", log_level],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
         try:
-            _wait_for_socket(sock, process, "ovl serve")
+            wait_for_socket(sock, process, "ovl serve")
             yield Daemon(workdir / "root", sock, log, process)
         finally:
             _stop(process, timeout=60)

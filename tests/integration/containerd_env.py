@@ -89,9 +89,6 @@ def wait_until(predicate: Callable[[], bool], what: Callable[[], str], timeout: 
         time.sleep(interval)
 
 
-_wait_for_socket = wait_for_socket
-
-
 def _stop(proc: subprocess.Popen[bytes], timeout: float) -> int:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -277,7 +274,7 @@ def containerd_stack(workdir: Path, *, log_level: str = "debug",
                  "--address", str(stack.ovl_sock), "--log-level", log_level],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         with stack.logs_on_failure():
-            _wait_for_socket(stack.ovl_sock, stack.daemon, "ovl serve")
+            wait_for_socket(stack.ovl_sock, stack.daemon, "ovl serve")
         config = workdir / "containerd.toml"
         config.write_text(_config(stack))
         with open(stack.ctd_log, "wb") as log:
@@ -285,7 +282,7 @@ def containerd_stack(workdir: Path, *, log_level: str = "debug",
                 ["containerd", "--config", str(config), "--log-level", log_level],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         with stack.logs_on_failure():
-            _wait_for_socket(stack.ctd_sock, stack.containerd, "containerd")
+            wait_for_socket(stack.ctd_sock, stack.containerd, "containerd")
             plugins = stack.ctr("default", "plugins", "ls")
             for name in snapshotters:
                 if not any(line.split()[:2] == ["io.containerd.snapshotter.v1", name]
