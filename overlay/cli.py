@@ -406,7 +406,61 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("cleanup", help="reclaim the disk of removed snapshots")
     target_opts(c)
+
+    c = sub.add_parser("completion", help="print a shell completion script",
+                       description="eval \"$(ovl completion bash)\" in ~/.bashrc")
+    c.add_argument("shell", choices=("bash",))
     return p
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _options(parser: argparse.ArgumentParser) -> list[str]:
+    """Its options, and the fixed choices of its positional arguments."""
+    words = sorted(o for a in parser._actions for o in a.option_strings)
+    for a in parser._actions:
+        if not a.option_strings and a.choices and not isinstance(
+                a, argparse._SubParsersAction):
+            words.extend(str(c) for c in a.choices)
+    return words
+
+
+def _bash_completion(parser: argparse.ArgumentParser) -> str:
+    """A bash completion script derived from the parser itself, so it never
+    drifts from the commands: command words first, then that command's options."""
+    table: list[tuple[str, list[str]]] = []  # (command path, words to offer)
+    top = _subparsers(parser)
+    table.append(("", [*top, *_options(parser)]))
+    for name, group in top.items():
+        subs = _subparsers(group)
+        table.append((name, [*subs, *_options(group)]))
+        table.extend((f"{name} {cmd}", _options(leaf)) for cmd, leaf in subs.items())
+    # a word extends the path only when the longer path is a command; any
+    # other word (an option's value, a key) leaves it as it is
+    steps = "\n".join(f"            '{path}') path='{path}' ;;" for path, _ in table if path)
+    offers = "\n".join(f"        '{path}') opts='{' '.join(words)}' ;;" for path, words in table)
+    return f"""# bash completion for ovl: eval "$(ovl completion bash)"
+_ovl() {{
+    local cur="${{COMP_WORDS[COMP_CWORD]}}" path="" w i opts=""
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        w="${{COMP_WORDS[i]}}"
+        [[ $w == -* ]] && continue
+        case "${{path:+$path }}$w" in
+{steps}
+        esac
+    done
+    case "$path" in
+{offers}
+    esac
+    COMPREPLY=($(compgen -W "$opts" -- "$cur"))
+}}
+complete -F _ovl ovl
+"""
 
 
 _SNAPSHOT_COMMANDS = {
@@ -425,6 +479,9 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None) -> 
     except SystemExit as exc:
         return int(exc.code or 0)
     try:
+        if args.group == "completion":
+            out.write(_bash_completion(parser))
+            return 0
         if args.group == "serve":
             return _cmd_serve(args)
         if args.group == "cleanup":
