@@ -127,6 +127,15 @@ def compute_mounts(config: MountConfig, snap: metastore.Snapshot) -> list[Mount]
     return [Mount("overlay", "overlay", "", (*options, *config.extra_options))]
 
 
+def _active_id(txn: metastore.Txn, key: str) -> str | None:
+    """The id of ``key`` when it is an active snapshot, else None."""
+    try:
+        sid, info, _ = metastore.get_info(txn, key)
+    except NotFoundError:
+        return None
+    return sid if info.kind is Kind.ACTIVE else None
+
+
 class OverlaySnapshotter:
     """containerd's overlay snapshotter contract on overlayfs (see module doc)."""
 
@@ -214,6 +223,10 @@ class OverlaySnapshotter:
             sid, info, usage = metastore.get_info(txn, key)
         if info.kind is not Kind.ACTIVE:
             return usage
+        return self._live_usage(key, sid)
+
+    def _live_usage(self, key: str, sid: str) -> Usage:
+        """Walk an active snapshot's layer (no lock held by the caller, ideally)."""
         try:
             result = _native.disk_usage(self._upper(sid))
         except FileNotFoundError as exc:
@@ -283,7 +296,6 @@ class OverlaySnapshotter:
             if labels:
                 self._shared_target(txn, labels, parent)
             temp = tempfile.mkdtemp(prefix="new-", dir=self._snapshots)
-            final: str | None = None
             try:
                 os.mkdir(os.path.join(temp, "fs"), 0o755)
                 os.chmod(os.path.join(temp, "fs"), 0o755)  # whatever the umask
@@ -298,10 +310,9 @@ class OverlaySnapshotter:
                 self._claim(final)
                 _native.renameat2(temp, final, _native.RenameFlag.NOREPLACE)
             except BaseException:
-                # Still under the lock: nobody else can be using these paths.
-                self._discard_now(final if final and os.path.lexists(final) else temp)
-                if final and os.path.lexists(temp):
-                    self._discard_now(temp)
+                # The rename is the last step, so the temp dir is still ours,
+                # and we still hold the lock: nobody else can be using it.
+                self._discard_now(temp)
                 raise
         # After the commit: a failed commit leaves <id> behind as an orphan,
         # which cleanup (or the next create of that id) handles under the lock.
@@ -330,26 +341,19 @@ class OverlaySnapshotter:
         self._check_open()
         check_labels(labels)
         # Usage is measured before taking the write lock (a big layer's walk
-        # must not stall every prepare); the id check below makes sure it is
-        # still the same snapshot.
+        # must not stall every prepare).  Errors are left to commit_active, so
+        # they come in SPEC's order (a taken name first, even for a bogus key).
+        measured: tuple[str, Usage] | None = None
         with self._ms.transaction(write=False) as txn:
-            sid, info, _ = metastore.get_info(txn, key)
-        usage = Usage()
-        if info.kind is Kind.ACTIVE:
-            try:
-                result = _native.disk_usage(self._upper(sid))
-            except FileNotFoundError as exc:
-                raise NotFoundError(f"snapshot {key!r}: its directory is gone ({exc})") from exc
-            usage = Usage(result.entries, result.bytes)
+            found = _active_id(txn, key)
+        if found is not None:
+            measured = (found, self._live_usage(key, found))
         with self._ms.transaction(write=True) as txn:
-            try:
-                now_sid = metastore.get_info(txn, key)[0]
-            except NotFoundError:
-                now_sid = sid  # commit_active raises the right error, in SPEC's order
-            if now_sid != sid:
+            now = _active_id(txn, key)
+            if now is not None and (measured is None or measured[0] != now):
                 # removed and prepared again meanwhile: measure the new one (rare)
-                result = _native.disk_usage(self._upper(now_sid))
-                usage = Usage(result.entries, result.bytes)
+                measured = (now, self._live_usage(key, now))
+            usage = measured[1] if measured is not None and now is not None else Usage()
             metastore.commit_active(txn, key, name, usage, labels, parent)
 
     def remove(self, key: str) -> None:

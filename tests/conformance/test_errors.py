@@ -69,6 +69,8 @@ CASES: list[tuple[str, type[OverlayError], Call]] = [
      lambda sn: sn.prepare("k", "c1", {"k": "v" * 4096})),
     # commit: name taken, key missing, key not active, labels
     ("commit onto committed name", AlreadyExistsError, lambda sn: sn.commit("c1", "a2", OPT)),
+    ("commit onto committed name, bogus key", AlreadyExistsError,
+     lambda sn: sn.commit("c1", "nope", OPT)),
     ("commit onto active key", AlreadyExistsError, lambda sn: sn.commit("a1", "a2", OPT)),
     ("commit onto view key", AlreadyExistsError, lambda sn: sn.commit("v2", "a2", OPT)),
     ("commit onto its own key", AlreadyExistsError, lambda sn: sn.commit("a2", "a2", OPT)),
