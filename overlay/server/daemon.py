@@ -137,7 +137,9 @@ class Daemon:
             cfg.root, sync_remove=cfg.sync_remove, upperdir_label=cfg.upperdir_label,
             mount_options=cfg.mount_options, trash_threads=cfg.cleanup_threads,
         )
-        self.backend = DeferredCleanup(snapshotter, self.metrics)
+        # the backlog gauges cost a walk of the trash: only when someone scrapes them
+        self.backend = DeferredCleanup(snapshotter,
+                                       self.metrics if cfg.metrics_address else None)
         self.metrics.watch(self.backend, snapshotter.store_stats)
         try:
             activated = listen_fds()
