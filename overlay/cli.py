@@ -23,7 +23,7 @@ from typing import Any, TextIO
 
 from overlay import errors
 from overlay.mount import Mount, mount_all, unmount_all
-from overlay.snapshots import CleanupReport, Info, Snapshotter
+from overlay.snapshots import Info, Snapshotter
 
 __all__ = ["EXIT_CODES", "main", "main_entry"]
 
@@ -287,15 +287,11 @@ def _cmd_umount(args: argparse.Namespace, out: TextIO) -> int:
 def _cmd_cleanup(sn: Snapshotter, args: argparse.Namespace, out: TextIO) -> int:
     from overlay.overlayfs import OverlaySnapshotter
 
+    remote = not isinstance(sn, OverlaySnapshotter)
     if isinstance(sn, OverlaySnapshotter):
-        _moved, busy = sn.collect_orphans()
-        report = sn.empty_trash(progress=_Progress(sys.stderr))
-        report = CleanupReport(report.directories, report.entries, report.bytes,
-                               (*busy, *report.busy))
-        remote = False
+        report = sn.cleanup(progress=_Progress(sys.stderr))
     else:
         report = sn.cleanup()
-        remote = True
     if args.format == "json":
         json.dump({"directories": report.directories, "entries": report.entries,
                    "bytes": report.bytes, "background": remote,
