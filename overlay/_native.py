@@ -278,11 +278,10 @@ def ovl_py_report(ctx: Any, path: Any, err: int) -> None:
     sink.append((os.fsdecode(ffi.string(path)), err))
 
 
-def _tree_call(kind: str, path: str | os.PathLike[str], *args: Any) -> TreeResult:
+def _tree_call(fn: Any, path: str | os.PathLike[str], *args: Any) -> TreeResult:
     stats = ffi.new("struct ovl_tree_stats *")
     sink: list[tuple[str, int]] = []
     handle = ffi.new_handle(sink)
-    fn = lib.ovl_remove_tree if kind == "remove" else lib.ovl_disk_usage
     rc = fn(_b(path), *args, stats, lib.ovl_py_report, handle)
     if rc != 0:
         code = ffi.errno
@@ -308,8 +307,9 @@ def remove_tree(
     non-directory ``path`` raises.  ``count_bytes`` adds an lstat per file to
     report the bytes freed.
     """
-    flags = (1 if keep_root else 0) | (2 if count_bytes else 0)
-    return _tree_call("remove", path, flags, max(1, threads))
+    flags = (lib.OVL_TREE_KEEP_ROOT if keep_root else 0) | (
+        lib.OVL_TREE_COUNT_BYTES if count_bytes else 0)
+    return _tree_call(lib.ovl_remove_tree, path, flags, max(1, threads))
 
 
 def disk_usage(
@@ -325,7 +325,8 @@ def disk_usage(
     ``cancel``: a ``ffi.new("int *")`` another thread may set to 1, which
     stops the walk with ``OSError(ECANCELED)``.
     """
-    return _tree_call("usage", path, max(1, threads), ffi.NULL if cancel is None else cancel)
+    return _tree_call(lib.ovl_disk_usage, path, max(1, threads),
+                      ffi.NULL if cancel is None else cancel)
 
 
 def new_cancel_flag() -> Any:
