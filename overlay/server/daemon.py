@@ -213,7 +213,10 @@ def serve(config: Config) -> int:
         received.append(signum)
         done.set()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    # Installed for the rest of the process's life: a second SIGTERM while
+    # draining (systemd, an impatient operator) must not kill us half-closed.
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, on_signal)
     daemon = Daemon(config)
     try:
         daemon.start()
@@ -221,6 +224,4 @@ def serve(config: Config) -> int:
         log.info("signal %s: draining in-flight calls", signal.Signals(received[0]).name)
     finally:
         daemon.stop()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
     return 0
