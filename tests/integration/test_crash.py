@@ -302,7 +302,10 @@ def plan(kind: str, t: int, model: Model, rng: random.Random) -> tuple[list[Step
         for i, on in enumerate([c1, c0, "", *sorted(used)] * 4):
             setup += [("prepare", f"{p}x{i}", on), ("write", f"{p}x{i}", *names(f"x{i}"))]
             others.append(f"{p}x{i}")
-        for i, on in enumerate([c0, c1, "", *sorted(used)] * 3):
+        # views are cheap to set up and make the removal loop long enough
+        # (tens of ms) that a kill reliably lands inside it, however slowly
+        # the parent wakes up on a busy machine
+        for i, on in enumerate([c0, c1, "", *sorted(used)] * 15):
             setup.append(("view", f"{p}v{i}", on))
             others.append(f"{p}v{i}")
         old = leaves(model, used)
