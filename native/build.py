@@ -14,7 +14,8 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("ovl.h", "ovl.c")
+SOURCES = ("ovl.h", "ovl.c", "ovl_grpc.h", "ovl_grpc.c")
+HEADERS = ("ovl.h", "ovl_grpc.h")
 
 
 def source_hash() -> str:
@@ -25,9 +26,9 @@ def source_hash() -> str:
 
 
 def cdef_text() -> str:
-    """ovl.h minus the preprocessor lines cffi cannot read (keeps #define)."""
+    """The headers minus the preprocessor lines cffi cannot read (keeps #define)."""
     lines = []
-    for line in (HERE / "ovl.h").read_text().splitlines():
+    for line in "\n".join((HERE / h).read_text() for h in HEADERS).splitlines():
         stripped = line.strip()
         if stripped.startswith("#") and not re.match(r"#define\s+OVL_\w+\s+\d+", stripped):
             continue
@@ -71,14 +72,15 @@ ffibuilder.set_source(
     """
     #include <sys/mount.h>
     #include "ovl.h"
+    #include "ovl_grpc.h"
     static void ovl_py_report(void *ctx, const char *path, int err);
     """,
     # setuptools wants sources relative to setup.py's directory (the cwd).
-    sources=[os.path.relpath(HERE / "ovl.c")],
+    sources=[os.path.relpath(HERE / name) for name in SOURCES if name.endswith(".c")],
     include_dirs=[str(HERE)],
     define_macros=[("OVL_SOURCE_HASH", f'"{source_hash()}"')],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11"],
-    libraries=["pthread"],
+    libraries=["pthread", "nghttp2"],
 )
 
 if __name__ == "__main__":

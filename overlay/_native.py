@@ -14,6 +14,8 @@ import errno as _errno
 import hashlib
 import importlib
 import os
+import socket
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,8 @@ from typing import Any, NoReturn
 __all__ = [
     "ABI_VERSION",
     "MAX_MOUNT_DATA",
+    "GrpcCall",
+    "GrpcTransport",
     "MountApi",
     "MountAttr",
     "MountFlag",
@@ -43,10 +47,13 @@ __all__ = [
 ]
 
 #: The ABI this wrapper was written against (native/ovl.h OVL_ABI_VERSION).
-ABI_VERSION = 3
+ABI_VERSION = 4
 #: mount(2) copies one page of data: a longer option string is refused
 #: (the kernel could otherwise mount a silently truncated layer stack).
 MAX_MOUNT_DATA = 4095
+
+#: native/build.py's SOURCES: what the compiled-in hash covers.
+_SOURCES = ("ovl.h", "ovl.c", "ovl_grpc.h", "ovl_grpc.c")
 
 _REBUILD = "rebuild it with: pip install -e . (from the repository root, as README says)"
 
@@ -68,7 +75,7 @@ def _check_build() -> None:
             f"overlay's native module has ABI {built}, this code expects {ABI_VERSION}; {_REBUILD}"
         )
     native = Path(__file__).resolve().parent.parent / "native"
-    sources = [native / "ovl.h", native / "ovl.c"]
+    sources = [native / name for name in _SOURCES]
     if all(p.is_file() for p in sources):
         digest = hashlib.sha256()
         for p in sources:
@@ -365,3 +372,91 @@ def fs_magic(path: str | os.PathLike[str]) -> int:
     if lib.ovl_fs_magic(_b(path), out) != 0:
         _raise(path)
     return int(out[0])
+
+
+# ----------------------------------------------------------------------------- gRPC transport
+
+
+@dataclass(frozen=True, slots=True)
+class GrpcCall:
+    """One request taken from a :class:`GrpcTransport`: answer it exactly once
+    with :meth:`GrpcTransport.reply`."""
+
+    path: str
+    #: the request's headers other than HTTP/2 pseudo-headers, in order
+    metadata: tuple[tuple[str, str], ...]
+    message: bytes
+    handle: Any = field(repr=False, compare=False)
+
+
+def _metadata(raw: bytes) -> tuple[tuple[str, str], ...]:
+    if not raw:
+        return ()
+    parts = raw.decode("latin-1").split("\0")
+    return tuple(zip(parts[0:-1:2], parts[1::2], strict=True))
+
+
+class GrpcTransport:
+    """gRPC over HTTP/2 served by the C core (``native/ovl_grpc.c``, libnghttp2).
+
+    The C event loop accepts and parses; :meth:`next` hands a finished request
+    to the calling thread (any number of threads may wait in it, without the
+    GIL) and :meth:`reply` sends the answer from that thread.
+    """
+
+    def __init__(self, listener: socket.socket, max_message: int) -> None:
+        """Serve ``listener`` (a listening stream socket, taken over: closed with
+        the transport).  Requests over ``max_message`` bytes are refused with
+        RESOURCE_EXHAUSTED before reaching :meth:`next`."""
+        out = ffi.new("struct ovl_grpc_server **")
+        if lib.ovl_grpc_start(listener.detach(), max_message, out) != 0:
+            _raise(None)
+        self._server: Any = out[0]
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def next(self) -> GrpcCall | None:
+        """The next request; ``None`` once :meth:`shutdown` ran and none is left."""
+        out = ffi.new("struct ovl_grpc_call **")
+        while lib.ovl_grpc_next(self._server, out) != 0:
+            if ffi.errno == _errno.ESHUTDOWN:
+                return None
+            _raise(None)  # pragma: no cover - ovl_grpc_next fails no other way
+        call = out[0]
+        return GrpcCall(
+            path=ffi.string(call.path).decode("latin-1"),
+            metadata=_metadata(ffi.buffer(call.metadata, call.metadata_len)[:]),
+            message=ffi.buffer(call.message, call.message_len)[:],
+            handle=call,
+        )
+
+    def reply(self, call: GrpcCall, status: int, message: str = "", body: bytes = b"") -> bool:
+        """Answer ``call``: status 0 sends ``body`` (length-prefixed messages)
+        and an OK trailer; any other status a trailers-only error with
+        ``message``.  False when the client went away first."""
+        if lib.ovl_grpc_reply(self._server, call.handle, status,
+                              message.encode("utf-8", "replace"), body, len(body)) == 0:
+            return True
+        if ffi.errno == _errno.EPIPE:
+            return False
+        _raise(None)
+
+    def shutdown(self, grace: float) -> int:
+        """Stop accepting, GOAWAY, give requests already in ``grace`` seconds;
+        then :meth:`next` returns ``None``.  Returns the connections cut."""
+        return int(lib.ovl_grpc_shutdown(self._server, max(0, round(grace * 1000))))
+
+    def stats(self) -> dict[str, int]:
+        """accepted, connections (open now), calls (handed out), pending."""
+        st = ffi.new("struct ovl_grpc_stats *")
+        lib.ovl_grpc_stats(self._server, st)
+        return {k: int(getattr(st, k)) for k in ("accepted", "connections", "calls", "pending")}
+
+    def close(self) -> None:
+        """Release the transport: after :meth:`shutdown`, once no thread is in
+        :meth:`next` or holds an unanswered call."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        lib.ovl_grpc_free(self._server)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -29,16 +30,27 @@ def test_abi_and_hash() -> None:
     assert len(_native.ffi.string(_native.lib.ovl_source_hash())) == 64
 
 
-def test_stale_build_fails_at_import_with_the_rebuild_command(tmp_path: Path) -> None:
-    # Copy the package next to a changed native/ovl.c: importing must refuse.
+def test_the_hash_covers_what_the_builder_compiles() -> None:
+    root = Path(_native.__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("ovl_native_build", root / "native" / "build.py")
+    assert spec is not None and spec.loader is not None
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    assert tuple(builder.SOURCES) == _native._SOURCES
+
+
+@pytest.mark.parametrize("edited", _native._SOURCES)
+def test_stale_build_fails_at_import_with_the_rebuild_command(tmp_path: Path,
+                                                              edited: str) -> None:
+    # Copy the package next to a changed native source: importing must refuse.
     root = Path(_native.__file__).resolve().parent.parent
     shutil.copytree(root / "overlay", tmp_path / "overlay",
                     ignore=shutil.ignore_patterns("__pycache__"))
     (tmp_path / "native").mkdir()
-    (tmp_path / "native" / "ovl.h").write_text((root / "native" / "ovl.h").read_text())
-    (tmp_path / "native" / "ovl.c").write_text(
-        (root / "native" / "ovl.c").read_text() + "\n/* edited */\n"
-    )
+    for name in _native._SOURCES:
+        text = (root / "native" / name).read_text()
+        (tmp_path / "native" / name).write_text(
+            text + "\n/* edited */\n" if name == edited else text)
     code = textwrap.dedent(
         """
         import sys

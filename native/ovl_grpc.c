@@ -1,0 +1,1053 @@
+/* overlay's gRPC transport over libnghttp2: see ovl_grpc.h.
+ *
+ * Threads: any number of workers in ovl_grpc_next / ovl_grpc_reply; one of
+ * the waiting ones at a time holds the poller role and runs the event loop
+ * (accept, read, nghttp2_session_mem_recv, closing connections): see
+ * ovl_grpc_next.  A connection's nghttp2 session is only touched under its
+ * mutex; the server mutex guards the queue, the role and the counters.  Lock
+ * order: connection, then server.  Only the poller closes a connection.
+ *
+ * A call belongs to its stream while it is being received and while its
+ * response is being sent (the stream's close frees it), and to Python in
+ * between (ovl_grpc_reply frees it when its stream or connection is gone).
+ */
+#define _GNU_SOURCE
+#include "ovl_grpc.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <nghttp2/nghttp2.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define READ_CHUNK (64 * 1024)
+#define READ_BUDGET (1024 * 1024) /* per connection per wakeup: stay fair */
+#define MAX_METADATA (1024 * 1024)
+#define MAX_STREAMS 1024
+#define STREAM_WINDOW (1 << 20)
+#define CONN_WINDOW (16 << 20)
+#define STANDBY_MS 2 /* longest a slow handler leaves the loop unwatched */
+#define PREFIX 5 /* gRPC message prefix: compressed flag + 32-bit length */
+
+enum call_state { RECEIVING, QUEUED, RESPONDING };
+
+struct buf {
+    unsigned char *p;
+    size_t len, cap;
+};
+
+struct conn;
+
+struct call {
+    struct ovl_grpc_call pub; /* first: Python's pointer is this call's */
+    struct conn *conn;
+    int32_t stream_id;
+    enum call_state state;
+    int linked;  /* on conn->calls */
+    int closed;  /* stream gone while Python held the call */
+    int counted; /* in server->pending */
+    int post, grpc_content, identity;
+    int bad_status;
+    char bad_message[160];
+    char *path;
+    struct buf meta, body;
+    unsigned char *resp;
+    size_t resp_len, resp_off;
+    struct call *prev, *next; /* conn->calls */
+    struct call *qnext;       /* server queue */
+};
+
+struct conn {
+    struct ovl_grpc_server *srv;
+    int fd;
+    pthread_mutex_t mu;
+    nghttp2_session *session;
+    int dead, broken, want_out, goaway;
+    struct buf out;
+    size_t out_off;
+    struct call *calls;
+    int refs;
+    struct conn *prev, *next; /* server->conns: the poller's */
+};
+
+struct ovl_grpc_server {
+    int listen_fd, epfd, evfd;
+    size_t max_message;
+    unsigned char *rbuf; /* the poller's */
+    int polling;         /* a thread holds the poller role */
+    int closed;          /* stopped, every conn closed: nobody polls again */
+    pthread_mutex_t mu;
+    pthread_cond_t work, idle, standby_cv;
+    int standby, standby_idle; /* a worker watches the poller (standby_wait) */
+    uint64_t leave_seq;        /* requests the poller left the loop to answer */
+    struct call *qhead, *qtail;
+    int draining, stopped, accept_paused;
+    struct conn *conns;
+    uint64_t accepted, nconns, calls, pending;
+    nghttp2_session_callbacks *cbs;
+};
+
+/* ----------------------------------------------------------------- buffers */
+
+static int buf_add(struct buf *b, const void *data, size_t n)
+{
+    if (b->len + n > b->cap) {
+        size_t cap = b->cap ? b->cap : 256;
+        while (cap < b->len + n)
+            cap *= 2;
+        unsigned char *p = realloc(b->p, cap);
+        if (!p)
+            return -1;
+        b->p = p;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->len, data, n);
+    b->len += n;
+    return 0;
+}
+
+static void buf_free(struct buf *b)
+{
+    free(b->p);
+    b->p = NULL;
+    b->len = b->cap = 0;
+}
+
+/* ------------------------------------------------------------ small helpers */
+
+static void wake(struct ovl_grpc_server *s)
+{
+    uint64_t one = 1;
+    ssize_t n;
+    do
+        n = write(s->evfd, &one, sizeof one);
+    while (n < 0 && errno == EINTR);
+}
+
+static void conn_unref(struct conn *c)
+{
+    if (__atomic_sub_fetch(&c->refs, 1, __ATOMIC_ACQ_REL) == 0) {
+        pthread_mutex_destroy(&c->mu);
+        buf_free(&c->out);
+        free(c);
+    }
+}
+
+static void call_unlink(struct call *call)
+{
+    struct conn *c = call->conn;
+    if (!call->linked)
+        return;
+    if (call->prev)
+        call->prev->next = call->next;
+    else
+        c->calls = call->next;
+    if (call->next)
+        call->next->prev = call->prev;
+    call->prev = call->next = NULL;
+    call->linked = 0;
+}
+
+/* The call must be unlinked.  May drop the last reference to its conn, so
+ * never call it with a dead conn's mutex held. */
+static void call_free(struct call *call)
+{
+    struct ovl_grpc_server *s = call->conn->srv;
+    if (call->counted) {
+        pthread_mutex_lock(&s->mu);
+        if (--s->pending == 0)
+            pthread_cond_broadcast(&s->idle);
+        pthread_mutex_unlock(&s->mu);
+    }
+    conn_unref(call->conn);
+    free(call->path);
+    buf_free(&call->meta);
+    buf_free(&call->body);
+    free(call->resp);
+    free(call);
+}
+
+static void arm_out(struct conn *c, int on)
+{
+    if (c->want_out == on)
+        return;
+    struct epoll_event ev = {.events = EPOLLIN | (on ? EPOLLOUT : 0), .data.ptr = c};
+    if (epoll_ctl(c->srv->epfd, EPOLL_CTL_MOD, c->fd, &ev) == 0)
+        c->want_out = on;
+}
+
+/* Write what nghttp2 has to send (c->mu held).  Whatever the socket does not
+ * take now waits in c->out for EPOLLOUT.  A failure marks the conn broken
+ * and gets the poller's attention. */
+static void conn_flush(struct conn *c)
+{
+    if (c->dead || c->broken)
+        return;
+    if (c->out_off == c->out.len) {
+        c->out.len = c->out_off = 0;
+        for (;;) {
+            const uint8_t *data;
+            ssize_t n = nghttp2_session_mem_send(c->session, &data);
+            if (n < 0) {
+                c->broken = 1;
+                break;
+            }
+            if (n == 0)
+                break;
+            if (buf_add(&c->out, data, (size_t)n) < 0) {
+                c->broken = 1;
+                break;
+            }
+        }
+    }
+    while (!c->broken && c->out_off < c->out.len) {
+        ssize_t n = send(c->fd, c->out.p + c->out_off, c->out.len - c->out_off,
+                         MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n > 0) {
+            c->out_off += (size_t)n;
+        } else if (n < 0 && errno == EINTR) {
+            continue;
+        } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            arm_out(c, 1);
+            return;
+        } else {
+            c->broken = 1;
+        }
+    }
+    if (c->broken) {
+        arm_out(c, 1); /* the poller sees the error and closes */
+        wake(c->srv);
+        return;
+    }
+    c->out.len = c->out_off = 0;
+    if (nghttp2_session_want_write(c->session)) {
+        /* flow control held data back: more once the peer opens its window */
+        arm_out(c, 0);
+        return;
+    }
+    arm_out(c, 0);
+}
+
+static int conn_done(struct conn *c)
+{
+    return c->broken || (!nghttp2_session_want_read(c->session) &&
+                         !nghttp2_session_want_write(c->session) && c->out_off == c->out.len);
+}
+
+/* --------------------------------------------------------------- responses */
+
+#define NV(n, v) {(uint8_t *)(n), (uint8_t *)(v), sizeof(n) - 1, strlen(v), NGHTTP2_NV_FLAG_NONE}
+
+static char *percent_encode(const char *msg)
+{
+    static const char hex[] = "0123456789ABCDEF";
+    size_t n = strlen(msg);
+    char *out = malloc(3 * n + 1), *o = out;
+    if (!out)
+        return NULL;
+    for (const unsigned char *p = (const unsigned char *)msg; *p; p++) {
+        if (*p < 0x20 || *p > 0x7e || *p == '%') {
+            *o++ = '%';
+            *o++ = hex[*p >> 4];
+            *o++ = hex[*p & 15];
+        } else {
+            *o++ = (char)*p;
+        }
+    }
+    *o = 0;
+    return out;
+}
+
+/* A trailers-only response (c->mu held). */
+static int submit_status(struct conn *c, struct call *call, int status, const char *message)
+{
+    char code[16];
+    snprintf(code, sizeof code, "%d", status);
+    char *encoded = percent_encode(message ? message : "");
+    if (!encoded)
+        return NGHTTP2_ERR_NOMEM;
+    nghttp2_nv nv[5] = {NV(":status", "200"), NV("content-type", "application/grpc"),
+                        NV("grpc-status", code)};
+    size_t n = 3;
+    if (encoded[0])
+        nv[n++] = (nghttp2_nv)NV("grpc-message", encoded);
+    if (!call->identity)
+        nv[n++] = (nghttp2_nv)NV("grpc-accept-encoding", "identity");
+    int rv = nghttp2_submit_response(c->session, call->stream_id, nv, n, NULL);
+    free(encoded);
+    return rv;
+}
+
+/* Not a gRPC request at all: a bare HTTP status (c->mu held). */
+static int submit_http(struct conn *c, struct call *call, const char *http_status)
+{
+    nghttp2_nv nv[] = {NV(":status", http_status)};
+    return nghttp2_submit_response(c->session, call->stream_id, nv, 1, NULL);
+}
+
+static ssize_t read_body(nghttp2_session *session, int32_t stream_id, uint8_t *buf,
+                         size_t length, uint32_t *flags, nghttp2_data_source *source,
+                         void *user_data)
+{
+    struct call *call = source->ptr;
+    size_t n = call->resp_len - call->resp_off;
+    if (n > length)
+        n = length;
+    memcpy(buf, call->resp + call->resp_off, n);
+    call->resp_off += n;
+    if (call->resp_off == call->resp_len) {
+        nghttp2_nv ok[] = {NV("grpc-status", "0")};
+        *flags |= NGHTTP2_DATA_FLAG_EOF;
+        if (nghttp2_submit_trailer(session, stream_id, ok, 1) == 0)
+            *flags |= NGHTTP2_DATA_FLAG_NO_END_STREAM;
+    }
+    return (ssize_t)n;
+}
+
+static int submit_body(struct conn *c, struct call *call, const unsigned char *body, size_t len)
+{
+    if (len) {
+        call->resp = malloc(len);
+        if (!call->resp)
+            return NGHTTP2_ERR_NOMEM;
+        memcpy(call->resp, body, len);
+    }
+    call->resp_len = len;
+    nghttp2_data_provider provider = {.source.ptr = call, .read_callback = read_body};
+    nghttp2_nv nv[] = {NV(":status", "200"), NV("content-type", "application/grpc")};
+    return nghttp2_submit_response(c->session, call->stream_id, nv, 2, &provider);
+}
+
+/* ----------------------------------------------------------------- requests */
+
+static struct call *stream_call(nghttp2_session *session, int32_t stream_id)
+{
+    return nghttp2_session_get_stream_user_data(session, stream_id);
+}
+
+static void call_fail(struct call *call, int status, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void call_fail(struct call *call, int status, const char *fmt, ...)
+{
+    if (call->bad_status)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(call->bad_message, sizeof call->bad_message, fmt, ap);
+    va_end(ap);
+    call->bad_status = status;
+    buf_free(&call->body);
+}
+
+static uint32_t be32(const unsigned char *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+static int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame, void *user)
+{
+    struct conn *c = user;
+    if (frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST)
+        return 0;
+    struct call *call = calloc(1, sizeof *call);
+    if (!call)
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    call->conn = c;
+    __atomic_add_fetch(&c->refs, 1, __ATOMIC_ACQ_REL);
+    call->stream_id = frame->hd.stream_id;
+    call->state = RECEIVING;
+    call->identity = 1;
+    call->next = c->calls;
+    if (c->calls)
+        c->calls->prev = call;
+    c->calls = call;
+    call->linked = 1;
+    nghttp2_session_set_stream_user_data(session, call->stream_id, call);
+    return 0;
+}
+
+static int eq(const uint8_t *a, size_t alen, const char *b)
+{
+    return alen == strlen(b) && memcmp(a, b, alen) == 0;
+}
+
+static int on_header(nghttp2_session *session, const nghttp2_frame *frame, const uint8_t *name,
+                     size_t namelen, const uint8_t *value, size_t valuelen, uint8_t flags,
+                     void *user)
+{
+    if (frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST)
+        return 0; /* request trailers carry nothing gRPC uses */
+    struct call *call = stream_call(session, frame->hd.stream_id);
+    if (!call || call->state != RECEIVING)
+        return 0;
+    if (namelen && name[0] == ':') {
+        if (eq(name, namelen, ":path")) {
+            free(call->path);
+            call->path = strndup((const char *)value, valuelen);
+            if (!call->path)
+                return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+        } else if (eq(name, namelen, ":method")) {
+            call->post = eq(value, valuelen, "POST");
+        }
+        return 0;
+    }
+    if (eq(name, namelen, "content-type")) {
+        static const char grpc[] = "application/grpc";
+        size_t n = sizeof grpc - 1;
+        call->grpc_content = valuelen >= n && memcmp(value, grpc, n) == 0 &&
+                             (valuelen == n || value[n] == '+' || value[n] == ';');
+    } else if (eq(name, namelen, "grpc-encoding")) {
+        call->identity = eq(value, valuelen, "identity");
+    }
+    if (call->meta.len + namelen + valuelen + 2 > MAX_METADATA) {
+        call_fail(call, OVL_GRPC_RESOURCE_EXHAUSTED,
+                  "request metadata larger than %d bytes", MAX_METADATA);
+        return 0;
+    }
+    static const char nul = 0;
+    if (buf_add(&call->meta, name, namelen) < 0 || buf_add(&call->meta, &nul, 1) < 0 ||
+        buf_add(&call->meta, value, valuelen) < 0 || buf_add(&call->meta, &nul, 1) < 0)
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    return 0;
+}
+
+static int on_data(nghttp2_session *session, uint8_t flags, int32_t stream_id,
+                   const uint8_t *data, size_t len, void *user)
+{
+    struct call *call = stream_call(session, stream_id);
+    struct ovl_grpc_server *s = ((struct conn *)user)->srv;
+    if (!call || call->state != RECEIVING || call->bad_status)
+        return 0;
+    struct buf *b = &call->body;
+    while (len) {
+        if (b->len < PREFIX) {
+            size_t take = PREFIX - b->len < len ? PREFIX - b->len : len;
+            if (buf_add(b, data, take) < 0)
+                return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+            data += take;
+            len -= take;
+            if (b->len < PREFIX)
+                continue;
+            size_t declared = be32(b->p + 1);
+            if (declared > s->max_message) {
+                call_fail(call, OVL_GRPC_RESOURCE_EXHAUSTED,
+                          "grpc: received message larger than max (%zu vs. %zu)", declared,
+                          s->max_message);
+                return 0;
+            }
+            unsigned char *p = realloc(b->p, PREFIX + declared);
+            if (!p)
+                return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+            b->p = p;
+            b->cap = PREFIX + declared;
+            continue;
+        }
+        if (len > PREFIX + (size_t)be32(b->p + 1) - b->len) {
+            call_fail(call, OVL_GRPC_INTERNAL, "more than one request message for a unary call");
+            return 0;
+        }
+        if (buf_add(b, data, len) < 0)
+            return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+        len = 0;
+    }
+    return 0;
+}
+
+/* The whole request is in (c->mu held): hand it to a worker, or answer a
+ * request that is not one here. */
+static int finish_request(struct conn *c, struct call *call)
+{
+    struct ovl_grpc_server *s = c->srv;
+    call->state = RESPONDING;
+    if (!call->post)
+        return submit_http(c, call, "405");
+    if (!call->grpc_content)
+        return submit_http(c, call, "415");
+    if (!call->identity)
+        return submit_status(c, call, OVL_GRPC_UNIMPLEMENTED,
+                             "compressed requests are not supported: use grpc-encoding identity");
+    if (call->bad_status)
+        return submit_status(c, call, call->bad_status, call->bad_message);
+    const struct buf *b = &call->body;
+    if (b->len < PREFIX || b->len != PREFIX + (size_t)be32(b->p + 1))
+        return submit_status(c, call, OVL_GRPC_INTERNAL,
+                             b->len ? "the request message is truncated"
+                                    : "the request has no message");
+    if (b->p[0] != 0)
+        return submit_status(c, call, OVL_GRPC_INTERNAL,
+                             "compressed message flag set, but grpc-encoding is identity");
+    static const char nul = 0;
+    if (buf_add(&call->meta, &nul, 1) < 0) /* never empty: a valid pointer */
+        return NGHTTP2_ERR_NOMEM;
+    call->pub.path = call->path;
+    call->pub.metadata = (const char *)call->meta.p;
+    call->pub.metadata_len = call->meta.len - 1;
+    call->pub.message = b->p + PREFIX;
+    call->pub.message_len = b->len - PREFIX;
+    call->state = QUEUED;
+    call->counted = 1;
+    pthread_mutex_lock(&s->mu);
+    if (s->qtail)
+        s->qtail->qnext = call;
+    else
+        s->qhead = call;
+    s->qtail = call;
+    s->calls++;
+    s->pending++;
+    /* no signal: the poller takes a request itself (ovl_grpc_next) */
+    pthread_mutex_unlock(&s->mu);
+    return 0;
+}
+
+static int on_frame(nghttp2_session *session, const nghttp2_frame *frame, void *user)
+{
+    if ((frame->hd.type != NGHTTP2_HEADERS && frame->hd.type != NGHTTP2_DATA) ||
+        !(frame->hd.flags & NGHTTP2_FLAG_END_STREAM))
+        return 0;
+    struct call *call = stream_call(session, frame->hd.stream_id);
+    if (!call || call->state != RECEIVING)
+        return 0;
+    if (finish_request(user, call) != 0)
+        nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, call->stream_id,
+                                  NGHTTP2_INTERNAL_ERROR);
+    return 0;
+}
+
+static int on_close(nghttp2_session *session, int32_t stream_id, uint32_t error_code,
+                    void *user)
+{
+    struct call *call = stream_call(session, stream_id);
+    if (!call)
+        return 0;
+    nghttp2_session_set_stream_user_data(session, stream_id, NULL);
+    call_unlink(call);
+    if (call->state == QUEUED)
+        call->closed = 1; /* Python has it: its reply frees it */
+    else
+        call_free(call); /* the conn list holds a reference: the conn stays */
+    return 0;
+}
+
+/* -------------------------------------------------------------- connections */
+
+static void conn_new(struct ovl_grpc_server *s, int fd)
+{
+    struct conn *c = calloc(1, sizeof *c);
+    if (!c) {
+        close(fd);
+        return;
+    }
+    c->srv = s;
+    c->fd = fd;
+    c->refs = 1;
+    pthread_mutex_init(&c->mu, NULL);
+    nghttp2_settings_entry settings[] = {
+        {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, MAX_STREAMS},
+        {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW},
+    };
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
+    if (nghttp2_session_server_new(&c->session, s->cbs, c) != 0) {
+        c->session = NULL;
+        goto fail;
+    }
+    if (nghttp2_submit_settings(c->session, NGHTTP2_FLAG_NONE, settings, 2) != 0 ||
+        nghttp2_session_set_local_window_size(c->session, NGHTTP2_FLAG_NONE, 0, CONN_WINDOW) != 0 ||
+        epoll_ctl(s->epfd, EPOLL_CTL_ADD, fd, &ev) != 0)
+        goto fail;
+    c->next = s->conns;
+    if (s->conns)
+        s->conns->prev = c;
+    s->conns = c;
+    pthread_mutex_lock(&s->mu);
+    s->accepted++;
+    s->nconns++;
+    pthread_mutex_unlock(&s->mu);
+    pthread_mutex_lock(&c->mu);
+    conn_flush(c);
+    pthread_mutex_unlock(&c->mu);
+    return;
+fail:
+    if (c->session)
+        nghttp2_session_del(c->session);
+    close(fd);
+    pthread_mutex_destroy(&c->mu);
+    free(c);
+}
+
+/* The poller only. */
+static void conn_close(struct conn *c)
+{
+    struct ovl_grpc_server *s = c->srv;
+    pthread_mutex_lock(&c->mu);
+    c->dead = 1;
+    struct call *free_list = NULL;
+    while (c->calls) {
+        struct call *call = c->calls;
+        call_unlink(call);
+        nghttp2_session_set_stream_user_data(c->session, call->stream_id, NULL);
+        if (call->state == QUEUED) {
+            call->closed = 1;
+        } else {
+            call->qnext = free_list;
+            free_list = call;
+        }
+    }
+    nghttp2_session_del(c->session);
+    c->session = NULL;
+    epoll_ctl(s->epfd, EPOLL_CTL_DEL, c->fd, NULL);
+    close(c->fd);
+    c->fd = -1;
+    pthread_mutex_unlock(&c->mu);
+    while (free_list) {
+        struct call *call = free_list;
+        free_list = call->qnext;
+        call_free(call);
+    }
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        s->conns = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    pthread_mutex_lock(&s->mu);
+    s->nconns--;
+    pthread_cond_broadcast(&s->idle);
+    pthread_mutex_unlock(&s->mu);
+    conn_unref(c);
+}
+
+static void conn_event(struct conn *c, uint32_t events, unsigned char *rbuf)
+{
+    int fail = 0;
+    pthread_mutex_lock(&c->mu);
+    if (events & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
+        for (size_t total = 0; total < READ_BUDGET && !fail && !c->broken;) {
+            ssize_t n = read(c->fd, rbuf, READ_CHUNK);
+            if (n > 0) {
+                total += (size_t)n;
+                if (nghttp2_session_mem_recv(c->session, rbuf, (size_t)n) < 0)
+                    fail = 1; /* not HTTP/2, or a protocol error: GOAWAY is queued */
+            } else if (n == 0) {
+                fail = 1; /* the peer is gone */
+            } else if (errno == EINTR) {
+                continue;
+            } else {
+                if (errno != EAGAIN && errno != EWOULDBLOCK)
+                    fail = 1;
+                break;
+            }
+        }
+    }
+    conn_flush(c);
+    int done = fail || conn_done(c);
+    pthread_mutex_unlock(&c->mu);
+    if (done)
+        conn_close(c);
+}
+
+/* Draining: GOAWAY each connection once, close those with nothing left. */
+static void drain_conns(struct ovl_grpc_server *s)
+{
+    struct conn *c = s->conns;
+    while (c) {
+        struct conn *next = c->next;
+        pthread_mutex_lock(&c->mu);
+        if (!c->goaway) {
+            c->goaway = 1;
+            nghttp2_submit_goaway(c->session, NGHTTP2_FLAG_NONE,
+                                  nghttp2_session_get_last_proc_stream_id(c->session),
+                                  NGHTTP2_NO_ERROR, NULL, 0);
+            conn_flush(c);
+        }
+        int done = conn_done(c);
+        pthread_mutex_unlock(&c->mu);
+        if (done)
+            conn_close(c);
+        c = next;
+    }
+}
+
+static void accept_all(struct ovl_grpc_server *s)
+{
+    for (;;) {
+        int fd = accept4(s->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd >= 0) {
+            conn_new(s, fd);
+            continue;
+        }
+        if (errno == EINTR || errno == ECONNABORTED || errno == EPROTO)
+            continue;
+        if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+            /* out of descriptors or memory: stop listening for a moment */
+            epoll_ctl(s->epfd, EPOLL_CTL_DEL, s->listen_fd, NULL);
+            s->accept_paused = 1;
+        }
+        return;
+    }
+}
+
+/* One round of the event loop (the caller holds the poller role): wait up
+ * to timeout_ms for events, accept, read, close what is finished.  Requests
+ * that complete are queued; the caller takes one itself. */
+static void poll_round(struct ovl_grpc_server *s, int timeout_ms)
+{
+    struct epoll_event evs[64];
+    if (s->accept_paused && (timeout_ms < 0 || timeout_ms > 100))
+        timeout_ms = 100;
+    int n = epoll_wait(s->epfd, evs, 64, timeout_ms);
+    if (n < 0)
+        n = 0; /* EINTR: the caller comes back */
+    if (n == 0 && s->accept_paused && s->listen_fd >= 0) {
+        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &s->listen_fd};
+        if (epoll_ctl(s->epfd, EPOLL_CTL_ADD, s->listen_fd, &ev) == 0)
+            s->accept_paused = 0;
+    }
+    int woken = 0;
+    for (int i = 0; i < n; i++) {
+        void *p = evs[i].data.ptr;
+        if (p == &s->listen_fd) {
+            if (s->listen_fd >= 0)
+                accept_all(s);
+        } else if (p == &s->evfd) {
+            uint64_t v;
+            ssize_t r = read(s->evfd, &v, sizeof v);
+            (void)r;
+            woken = 1;
+        } else {
+            /* only a conn's own event closes it in this batch, and each fd
+             * appears once per epoll_wait: later events never see a freed conn */
+            conn_event(p, evs[i].events, s->rbuf);
+        }
+    }
+    int draining = __atomic_load_n(&s->draining, __ATOMIC_ACQUIRE);
+    if (draining) {
+        if (s->listen_fd >= 0) {
+            epoll_ctl(s->epfd, EPOLL_CTL_DEL, s->listen_fd, NULL);
+            close(s->listen_fd);
+            s->listen_fd = -1;
+        }
+        drain_conns(s);
+    } else if (woken) {
+        /* a worker found a broken conn */
+        struct conn *c = s->conns;
+        while (c) {
+            struct conn *next = c->next;
+            pthread_mutex_lock(&c->mu);
+            int done = c->broken;
+            pthread_mutex_unlock(&c->mu);
+            if (done)
+                conn_close(c);
+            c = next;
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- the API */
+
+int ovl_grpc_start(int listen_fd, size_t max_message, struct ovl_grpc_server **out)
+{
+    struct ovl_grpc_server *s = calloc(1, sizeof *s);
+    int err = ENOMEM;
+    if (!s)
+        goto fail_fd;
+    s->listen_fd = listen_fd;
+    s->epfd = s->evfd = -1;
+    s->max_message = max_message;
+    s->epfd = epoll_create1(EPOLL_CLOEXEC);
+    s->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (s->epfd < 0 || s->evfd < 0) {
+        err = errno;
+        goto fail;
+    }
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_condattr_t attr;
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_cond_init(&s->work, &attr);
+    pthread_cond_init(&s->idle, &attr);
+    pthread_cond_init(&s->standby_cv, &attr);
+    pthread_condattr_destroy(&attr);
+    if (nghttp2_session_callbacks_new(&s->cbs) != 0)
+        goto fail_sync;
+    nghttp2_session_callbacks_set_on_begin_headers_callback(s->cbs, on_begin_headers);
+    nghttp2_session_callbacks_set_on_header_callback(s->cbs, on_header);
+    nghttp2_session_callbacks_set_on_data_chunk_recv_callback(s->cbs, on_data);
+    nghttp2_session_callbacks_set_on_frame_recv_callback(s->cbs, on_frame);
+    nghttp2_session_callbacks_set_on_stream_close_callback(s->cbs, on_close);
+    int fl = fcntl(listen_fd, F_GETFL);
+    if (fl < 0 || fcntl(listen_fd, F_SETFL, fl | O_NONBLOCK) < 0) {
+        err = errno;
+        goto fail_cbs;
+    }
+    struct epoll_event lev = {.events = EPOLLIN, .data.ptr = &s->listen_fd};
+    struct epoll_event wev = {.events = EPOLLIN, .data.ptr = &s->evfd};
+    if (epoll_ctl(s->epfd, EPOLL_CTL_ADD, listen_fd, &lev) != 0 ||
+        epoll_ctl(s->epfd, EPOLL_CTL_ADD, s->evfd, &wev) != 0) {
+        err = errno;
+        goto fail_cbs;
+    }
+    s->rbuf = malloc(READ_CHUNK);
+    if (!s->rbuf) {
+        err = ENOMEM;
+        goto fail_cbs;
+    }
+    *out = s;
+    return 0;
+fail_cbs:
+    nghttp2_session_callbacks_del(s->cbs);
+fail_sync:
+    pthread_cond_destroy(&s->work);
+    pthread_cond_destroy(&s->idle);
+    pthread_cond_destroy(&s->standby_cv);
+    pthread_mutex_destroy(&s->mu);
+fail:
+    if (s->epfd >= 0)
+        close(s->epfd);
+    if (s->evfd >= 0)
+        close(s->evfd);
+    free(s);
+fail_fd:
+    close(listen_fd);
+    errno = err;
+    return -1;
+}
+
+static void deadline_after(struct timespec *ts, int ms)
+{
+    clock_gettime(CLOCK_MONOTONIC, ts);
+    ts->tv_sec += ms / 1000;
+    ts->tv_nsec += (long)(ms % 1000) * 1000000L;
+    if (ts->tv_nsec >= 1000000000L) {
+        ts->tv_sec++;
+        ts->tv_nsec -= 1000000000L;
+    }
+}
+
+/* The standby (s->mu held): one waiting worker watches the poller role
+ * while the poller handles the request it read.  Every STANDBY_MS it looks:
+ * when the same request has kept the role empty for a whole period, it
+ * takes the role over (returns with s->polling == 0), so a slow handler
+ * delays other clients by a few milliseconds at most.  Polling throughout a
+ * period with nothing handled means idle: it sleeps until the next request. */
+static void standby_wait(struct ovl_grpc_server *s)
+{
+    s->standby = 1;
+    uint64_t seen = s->leave_seq;
+    int was_unwatched = !s->polling, idle = 0;
+    while (!s->stopped && !s->qhead) {
+        if (idle) {
+            s->standby_idle = 1;
+            pthread_cond_wait(&s->standby_cv, &s->mu); /* until the poller leaves */
+            s->standby_idle = 0;
+        } else {
+            struct timespec step;
+            deadline_after(&step, STANDBY_MS);
+            pthread_cond_timedwait(&s->standby_cv, &s->mu, &step);
+        }
+        if (s->stopped || s->qhead)
+            break;
+        int unwatched = !s->polling, same = s->leave_seq == seen;
+        if (!idle && same && unwatched && was_unwatched)
+            break; /* one request held the loop a whole period: take over */
+        idle = !idle && same && !unwatched && !was_unwatched;
+        seen = s->leave_seq;
+        was_unwatched = unwatched;
+    }
+    s->standby = 0;
+    pthread_cond_signal(&s->work); /* another worker becomes the standby */
+}
+
+/* Leader/followers: the thread that reads a request answers it, so a
+ * request costs no thread hand-off and no extra wake-up.  One waiting
+ * thread holds the poller role (in epoll_wait, without the GIL) and comes
+ * back with the requests it read; it takes one, and leaves the loop to the
+ * standby's watch (standby_wait) until it returns and polls again. */
+int ovl_grpc_next(struct ovl_grpc_server *s, struct ovl_grpc_call **out)
+{
+    int polled = 0;
+    pthread_mutex_lock(&s->mu);
+    for (;;) {
+        struct call *call = s->qhead;
+        if (call) {
+            s->qhead = call->qnext;
+            if (!s->qhead)
+                s->qtail = NULL;
+            call->qnext = NULL;
+            if (s->qhead) { /* more for other workers */
+                pthread_cond_signal(&s->work);
+                if (s->standby)
+                    pthread_cond_signal(&s->standby_cv);
+            }
+            if (polled) {
+                s->leave_seq++;
+                if (s->standby_idle)
+                    pthread_cond_signal(&s->standby_cv);
+            }
+            pthread_mutex_unlock(&s->mu);
+            *out = &call->pub;
+            return 0;
+        }
+        if (s->stopped) {
+            pthread_mutex_unlock(&s->mu);
+            errno = ESHUTDOWN;
+            return -1;
+        }
+        if (!s->polling) {
+            s->polling = 1;
+            pthread_mutex_unlock(&s->mu);
+            poll_round(s, -1);
+            pthread_mutex_lock(&s->mu);
+            s->polling = 0;
+            polled = 1;
+            if (s->draining)
+                pthread_cond_broadcast(&s->idle); /* shutdown may want the role */
+            continue;
+        }
+        polled = 0;
+        if (!s->standby)
+            standby_wait(s);
+        else
+            pthread_cond_wait(&s->work, &s->mu);
+    }
+}
+
+int ovl_grpc_reply(struct ovl_grpc_server *s, struct ovl_grpc_call *pub, int status,
+                   const char *message, const unsigned char *body, size_t body_len)
+{
+    struct call *call = (struct call *)pub;
+    struct conn *c = call->conn;
+    pthread_mutex_lock(&c->mu);
+    int rv = -1, err = EPIPE;
+    if (!c->dead && !call->closed && !c->broken) {
+        call->state = RESPONDING;
+        int sub = status == 0 ? submit_body(c, call, body, body_len)
+                              : submit_status(c, call, status, message);
+        if (sub == 0) {
+            /* the stream owns the call now: its close frees it */
+            conn_flush(c);
+            int draining = __atomic_load_n(&s->draining, __ATOMIC_ACQUIRE);
+            pthread_mutex_unlock(&c->mu);
+            if (draining)
+                wake(s); /* this may have been the conn's last stream */
+            return 0;
+        }
+        err = sub == NGHTTP2_ERR_NOMEM ? ENOMEM : EPIPE;
+        nghttp2_session_set_stream_user_data(c->session, call->stream_id, NULL);
+        nghttp2_submit_rst_stream(c->session, NGHTTP2_FLAG_NONE, call->stream_id,
+                                  NGHTTP2_INTERNAL_ERROR);
+        conn_flush(c);
+    }
+    call_unlink(call);
+    pthread_mutex_unlock(&c->mu);
+    call_free(call);
+    errno = err;
+    return rv;
+}
+
+static int remaining_ms(const struct timespec *deadline)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    long long ms = (long long)(deadline->tv_sec - now.tv_sec) * 1000 +
+                   (deadline->tv_nsec - now.tv_nsec) / 1000000;
+    return ms < 0 ? 0 : ms > 100 ? 100 : (int)ms;
+}
+
+int ovl_grpc_shutdown(struct ovl_grpc_server *s, int grace_ms)
+{
+    struct timespec deadline;
+    deadline_after(&deadline, grace_ms > 0 ? grace_ms : 0);
+    pthread_mutex_lock(&s->mu);
+    if (s->closed) {
+        pthread_mutex_unlock(&s->mu);
+        return 0;
+    }
+    __atomic_store_n(&s->draining, 1, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&s->mu);
+    wake(s); /* the poller: GOAWAY everyone, stop accepting */
+    pthread_mutex_lock(&s->mu);
+    /* Drain: workers keep answering; when nobody polls, poll here. */
+    for (;;) {
+        int left = remaining_ms(&deadline);
+        if (!(s->nconns || s->pending) || left == 0)
+            break;
+        if (!s->polling) {
+            s->polling = 1;
+            pthread_mutex_unlock(&s->mu);
+            poll_round(s, left);
+            pthread_mutex_lock(&s->mu);
+            s->polling = 0;
+            pthread_cond_signal(&s->work);
+            continue;
+        }
+        struct timespec step;
+        deadline_after(&step, left);
+        pthread_cond_timedwait(&s->idle, &s->mu, &step);
+    }
+    int cut = (int)s->nconns;
+    s->stopped = 1;
+    pthread_cond_broadcast(&s->work);
+    pthread_cond_broadcast(&s->standby_cv);
+    /* take the poller role for good, then cut what is left */
+    while (s->polling) {
+        pthread_mutex_unlock(&s->mu);
+        wake(s);
+        pthread_mutex_lock(&s->mu);
+        struct timespec step;
+        deadline_after(&step, 10);
+        pthread_cond_timedwait(&s->idle, &s->mu, &step);
+    }
+    s->polling = 1;
+    s->closed = 1;
+    pthread_mutex_unlock(&s->mu);
+    while (s->conns)
+        conn_close(s->conns);
+    if (s->listen_fd >= 0) {
+        epoll_ctl(s->epfd, EPOLL_CTL_DEL, s->listen_fd, NULL);
+        close(s->listen_fd);
+        s->listen_fd = -1;
+    }
+    return cut;
+}
+
+void ovl_grpc_stats(struct ovl_grpc_server *s, struct ovl_grpc_stats *st)
+{
+    pthread_mutex_lock(&s->mu);
+    st->accepted = s->accepted;
+    st->connections = s->nconns;
+    st->calls = s->calls;
+    st->pending = s->pending;
+    pthread_mutex_unlock(&s->mu);
+}
+
+void ovl_grpc_free(struct ovl_grpc_server *s)
+{
+    if (!s)
+        return;
+    ovl_grpc_shutdown(s, 0);
+    while (s->qhead) { /* never taken by a worker: their conns are closed */
+        struct call *call = s->qhead;
+        s->qhead = call->qnext;
+        call_free(call);
+    }
+    if (s->listen_fd >= 0)
+        close(s->listen_fd);
+    close(s->epfd);
+    close(s->evfd);
+    nghttp2_session_callbacks_del(s->cbs);
+    pthread_cond_destroy(&s->work);
+    pthread_cond_destroy(&s->idle);
+    pthread_cond_destroy(&s->standby_cv);
+    pthread_mutex_destroy(&s->mu);
+    free(s->rbuf);
+    free(s);
+}
