@@ -12,19 +12,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import secrets
 import signal
 import socket
 import threading
 from types import FrameType
-
-import grpc
 
 from overlay.errors import InvalidArgumentError
 from overlay.overlayfs import OverlaySnapshotter
 from overlay.server.cleaner import DeferredCleanup
 from overlay.server.config import Config
 from overlay.server.metrics import Metrics
+from overlay.server.rpc import RpcServer
 from overlay.server.snapshots import make_server
 
 __all__ = ["Daemon", "serve"]
@@ -67,66 +65,13 @@ def listen_fds() -> list[socket.socket]:
     return socks
 
 
-class _ActivationProxy:
-    """Serves an inherited listening socket by relaying each connection to
-    the gRPC server's private abstract socket (grpcio cannot adopt a listening
-    descriptor).  The relay copies bytes both ways; it adds no framing."""
-
-    def __init__(self, listener: socket.socket, backend_address: str) -> None:
-        self._listener = listener
-        self._backend = backend_address
-        self._closing = threading.Event()
-        self._thread = threading.Thread(target=self._accept, name="ovl-activation", daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while not self._closing.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                if self._closing.is_set():
-                    return
-                continue
-            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                upstream.connect(self._backend)
-            except OSError as exc:
-                log.error("activation relay cannot reach the gRPC server: %s", exc)
-                conn.close()
-                upstream.close()
-                continue
-            for src, dst in ((conn, upstream), (upstream, conn)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
-            with contextlib.suppress(OSError):
-                src.shutdown(socket.SHUT_RD)
-
-    def close(self) -> None:
-        self._closing.set()
-        with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
-        self._thread.join(timeout=5)
-
-
 class Daemon:
     """The running daemon: start() it, stop() it (from any thread)."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.metrics = Metrics()
-        self._server: grpc.Server | None = None
-        self._proxy: _ActivationProxy | None = None
+        self._server: RpcServer | None = None
         self._http: object | None = None
         self._socket_path: str | None = None
         self.backend: DeferredCleanup | None = None
@@ -143,32 +88,30 @@ class Daemon:
         self.metrics.watch(self.backend, snapshotter.store_stats)
         try:
             activated = listen_fds()
-            interceptors = [self.metrics.interceptor()]
             if activated:
                 if len(activated) != 1:
+                    for sock in activated:
+                        sock.close()
                     raise InvalidArgumentError(
                         f"socket activation passed {len(activated)} sockets; expected one"
                     )
-                private = f"overlay-snapshotter-{os.getpid()}-{secrets.token_hex(4)}"
-                self._server = make_server(
-                    self.backend, "unix-abstract:" + private, max_workers=cfg.workers,
-                    interceptors=interceptors,
-                )
+                self._server = make_server(self.backend, activated[0],
+                                           max_workers=cfg.workers,
+                                           observe=self.metrics.observe)
                 self._server.start()
-                self._proxy = _ActivationProxy(activated[0], "\0" + private)
-                log.info("serving on the socket passed by systemd")
+                log.info("serving on the socket passed by systemd (root %s)", cfg.root)
             else:
                 old = os.umask(0o117)  # the socket is born 0660, never wider
                 try:
                     self._server = make_server(self.backend, cfg.address,
                                                max_workers=cfg.workers,
-                                               interceptors=interceptors)
+                                               observe=self.metrics.observe)
                 finally:
                     os.umask(old)
-                self._server.start()
                 self._socket_path = cfg.address
                 os.chown(cfg.address, 0, 0)
                 os.chmod(cfg.address, 0o660)
+                self._server.start()
                 log.info("serving on %s (root %s)", cfg.address, cfg.root)
             if cfg.metrics_address:
                 self._http = self.metrics.serve(cfg.metrics_address)
@@ -180,11 +123,8 @@ class Daemon:
 
     def stop(self, grace: float = DRAIN_SECONDS) -> None:
         sd_notify("STOPPING=1")
-        if self._proxy is not None:
-            self._proxy.close()
-            self._proxy = None
         if self._server is not None:
-            self._server.stop(grace).wait()
+            self._server.stop(grace)
             self._server = None
         if self._http is not None:
             shutdown = getattr(self._http, "shutdown", None)

@@ -11,11 +11,9 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
-import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import start_http_server
@@ -93,69 +91,6 @@ class Metrics:
         return server
 
     def observe(self, method: str, code: str, seconds: float) -> None:
+        """One served call (the server's ``observe`` hook)."""
         self.rpc_duration.labels(method).observe(seconds)
         self.rpc_requests.labels(method, code).inc()
-
-    def interceptor(self) -> grpc.ServerInterceptor:
-        return _Interceptor(self)
-
-
-def _code(context: grpc.ServicerContext, default: str) -> str:
-    code = context.code()
-    if code is None:
-        return default
-    return str(getattr(code, "name", code))
-
-
-class _Interceptor(grpc.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self, metrics: Metrics) -> None:
-        self._m = metrics
-
-    def intercept_service(
-        self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails
-    ) -> Any:
-        handler = continuation(details)
-        if handler is None:
-            return None
-        method = str(details.method).rsplit("/", 1)[-1]
-        m = self._m
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
-
-            def unary(request: Any, context: grpc.ServicerContext) -> Any:
-                start = time.perf_counter()
-                code = "UNKNOWN"
-                try:
-                    response = inner(request, context)
-                    code = _code(context, "OK")
-                    return response
-                except BaseException:
-                    code = _code(context, "UNKNOWN")
-                    raise
-                finally:
-                    m.observe(method, code, time.perf_counter() - start)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
-
-            def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                start = time.perf_counter()
-                code = "UNKNOWN"
-                try:
-                    yield from inner_stream(request, context)
-                    code = _code(context, "OK")
-                except BaseException:
-                    code = _code(context, "CANCELLED")
-                    raise
-                finally:
-                    m.observe(method, code, time.perf_counter() - start)
-
-            return grpc.unary_stream_rpc_method_handler(
-                stream, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler

@@ -15,8 +15,9 @@ What a proxy snapshotter plugin must answer (SPEC §6.3), the way containerd's
   ``snapshotter does not implement Cleanup method: not implemented``.
 
 Every exception becomes a status through :mod:`overlay.server.errors`; a
-request that does not parse is INVALID_ARGUMENT (the handlers take the raw
-bytes so the parse error is ours to report, not a generic INTERNAL).
+request that does not parse is INVALID_ARGUMENT (the service parses the raw
+bytes itself, so the parse error is ours to report, not a generic INTERNAL).
+The wire is :mod:`overlay.server.rpc` (HTTP/2 served from the C core).
 
 The ``containerd-namespace`` (and ``containerd-lease``) request headers are
 optional: containerd's GC calls without them.  While a call runs they are
@@ -35,15 +36,17 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent import futures
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 import grpc
 from google.protobuf import empty_pb2
 from google.protobuf.message import DecodeError, Message
 
+from overlay._native import GrpcCall
 from overlay._proto.services.snapshots.v1 import snapshots_pb2 as pb
 from overlay._proto.types import mount_pb2
 from overlay.errors import (
@@ -56,6 +59,7 @@ from overlay.errors import (
 )
 from overlay.mount import Mount
 from overlay.server.errors import to_status
+from overlay.server.rpc import Reply, RpcServer, frame
 from overlay.snapshots import Info, Kind, Snapshotter
 
 __all__ = [
@@ -65,8 +69,9 @@ __all__ = [
     "MAX_MESSAGE_SIZE",
     "NAMESPACE_HEADER",
     "SERVICE_NAME",
+    "Observer",
+    "SnapshotsService",
     "SnapshotsServicer",
-    "add_to_server",
     "current_lease",
     "current_namespace",
     "info_from_proto",
@@ -91,6 +96,7 @@ LEASE_HEADER: Final = "containerd-lease"
 LIST_BATCH: Final = 100
 #: containerd's default gRPC message limits (16 MiB both ways).
 MAX_MESSAGE_SIZE: Final = 16 << 20
+#: The client's channel options (containerd's limits).
 CHANNEL_OPTIONS: Final[tuple[tuple[str, int], ...]] = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
     ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
@@ -261,79 +267,55 @@ def _claim_socket(path: str) -> None:
 class SnapshotsServicer:
     """The ten RPCs of ``containerd.services.snapshots.v1.Snapshots`` over ``backend``.
 
-    Each method takes a parsed request and the call context and returns the
-    response (``List``: an iterator of responses), raising domain errors;
-    :func:`add_to_server` wraps them with request parsing, the namespace
-    headers and the error table.  The method names are the RPC names, so the
-    generated ``add_SnapshotsServicer_to_server`` accepts this class too (but
-    then exceptions are not mapped).
+    Each method takes a parsed request and returns the response (``List``:
+    the responses), raising domain errors; :class:`SnapshotsService` adds
+    request parsing, the namespace headers and the error table.
     """
 
     def __init__(self, backend: Snapshotter) -> None:
         self.backend = backend
 
-    def Prepare(  # noqa: N802
-        self, request: pb.PrepareSnapshotRequest, context: grpc.ServicerContext
-    ) -> pb.PrepareSnapshotResponse:
+    def Prepare(self, request: pb.PrepareSnapshotRequest) -> pb.PrepareSnapshotResponse:  # noqa: N802
         mounts = self.backend.prepare(request.key, request.parent, _labels(request.labels))
         return pb.PrepareSnapshotResponse(mounts=[mount_to_proto(m) for m in mounts])
 
-    def View(  # noqa: N802
-        self, request: pb.ViewSnapshotRequest, context: grpc.ServicerContext
-    ) -> pb.ViewSnapshotResponse:
+    def View(self, request: pb.ViewSnapshotRequest) -> pb.ViewSnapshotResponse:  # noqa: N802
         mounts = self.backend.view(request.key, request.parent, _labels(request.labels))
         return pb.ViewSnapshotResponse(mounts=[mount_to_proto(m) for m in mounts])
 
-    def Mounts(  # noqa: N802
-        self, request: pb.MountsRequest, context: grpc.ServicerContext
-    ) -> pb.MountsResponse:
+    def Mounts(self, request: pb.MountsRequest) -> pb.MountsResponse:  # noqa: N802
         mounts = self.backend.mounts(request.key)
         return pb.MountsResponse(mounts=[mount_to_proto(m) for m in mounts])
 
-    def Commit(  # noqa: N802
-        self, request: pb.CommitSnapshotRequest, context: grpc.ServicerContext
-    ) -> empty_pb2.Empty:
+    def Commit(self, request: pb.CommitSnapshotRequest) -> empty_pb2.Empty:  # noqa: N802
         self.backend.commit(request.name, request.key, _labels(request.labels), request.parent)
         return empty_pb2.Empty()
 
-    def Remove(  # noqa: N802
-        self, request: pb.RemoveSnapshotRequest, context: grpc.ServicerContext
-    ) -> empty_pb2.Empty:
+    def Remove(self, request: pb.RemoveSnapshotRequest) -> empty_pb2.Empty:  # noqa: N802
         self.backend.remove(request.key)
         return empty_pb2.Empty()
 
-    def Stat(  # noqa: N802
-        self, request: pb.StatSnapshotRequest, context: grpc.ServicerContext
-    ) -> pb.StatSnapshotResponse:
+    def Stat(self, request: pb.StatSnapshotRequest) -> pb.StatSnapshotResponse:  # noqa: N802
         return pb.StatSnapshotResponse(info=info_to_proto(self.backend.stat(request.key)))
 
-    def Update(  # noqa: N802
-        self, request: pb.UpdateSnapshotRequest, context: grpc.ServicerContext
-    ) -> pb.UpdateSnapshotResponse:
+    def Update(self, request: pb.UpdateSnapshotRequest) -> pb.UpdateSnapshotResponse:  # noqa: N802
         info = info_from_proto(request.info)
         updated = self.backend.update(info, *request.update_mask.paths)
         return pb.UpdateSnapshotResponse(info=info_to_proto(updated))
 
-    def List(  # noqa: N802
-        self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.ListSnapshotsResponse]:
-        # walk runs to the end here, so its errors come before any message.
+    def List(self, request: pb.ListSnapshotsRequest) -> list[pb.ListSnapshotsResponse]:  # noqa: N802
         infos: list[pb.Info] = []
         self.backend.walk(lambda info: infos.append(info_to_proto(info)), *request.filters)
-        return (
+        return [
             pb.ListSnapshotsResponse(info=infos[i : i + LIST_BATCH])
             for i in range(0, len(infos), LIST_BATCH)
-        )
+        ]
 
-    def Usage(  # noqa: N802
-        self, request: pb.UsageRequest, context: grpc.ServicerContext
-    ) -> pb.UsageResponse:
+    def Usage(self, request: pb.UsageRequest) -> pb.UsageResponse:  # noqa: N802
         usage = self.backend.usage(request.key)
         return pb.UsageResponse(size=usage.size, inodes=usage.inodes)
 
-    def Cleanup(  # noqa: N802
-        self, request: pb.CleanupRequest, context: grpc.ServicerContext
-    ) -> empty_pb2.Empty:
+    def Cleanup(self, request: pb.CleanupRequest) -> empty_pb2.Empty:  # noqa: N802
         cleanup = getattr(self.backend, "cleanup", None)
         if not callable(cleanup):
             raise UnimplementedError("snapshotter does not implement Cleanup method")
@@ -341,19 +323,19 @@ class SnapshotsServicer:
         return empty_pb2.Empty()
 
 
-# ----------------------------------------------------------------------------- wiring
+# ----------------------------------------------------------------------------- dispatch
 
 _Req = TypeVar("_Req", bound=Message)
-_Resp = TypeVar("_Resp", bound=Message)
+
+#: called after each call with (method, status code name, seconds)
+Observer = Callable[[str, str, float], None]
 
 
-def _abort(context: grpc.ServicerContext, method: str, exc: BaseException) -> None:
-    code, message = to_status(exc)
-    if isinstance(exc, OverlayError):
-        log.debug("%s: %s %s", method, code.name, message)
-    else:
-        log.error("%s: unexpected %s", method, message, exc_info=exc)
-    context.abort(code, message)
+@dataclass(frozen=True, slots=True)
+class _Method:
+    name: str
+    request_type: type[Message]
+    fn: Callable[[Any], Message | list[Any]]
 
 
 def _parse(request_type: type[_Req], data: bytes) -> _Req:
@@ -366,9 +348,9 @@ def _parse(request_type: type[_Req], data: bytes) -> _Req:
 
 
 @contextlib.contextmanager
-def _headers(context: grpc.ServicerContext) -> Iterator[None]:
+def _headers(metadata: Sequence[tuple[str, str]]) -> Iterator[None]:
     namespace = lease = None
-    for key, value in context.invocation_metadata() or ():
+    for key, value in metadata:
         if key == NAMESPACE_HEADER and namespace is None:
             namespace = value
         elif key == LEASE_HEADER and lease is None:
@@ -382,112 +364,106 @@ def _headers(context: grpc.ServicerContext) -> Iterator[None]:
         _namespace.reset(ns_token)
 
 
-def _unary(
-    name: str,
-    request_type: type[_Req],
-    fn: Callable[[_Req, grpc.ServicerContext], _Resp],
-) -> Any:
-    def handler(data: bytes, context: grpc.ServicerContext) -> _Resp:
+class SnapshotsService:
+    """Answers one call of the snapshots service: :data:`~overlay.server.rpc.Dispatch`.
+
+    Parses the request (malformed: INVALID_ARGUMENT), sets the namespace and
+    lease headers for the call, runs the servicer method and maps whatever it
+    raises through the error table.  A path outside the service is
+    UNIMPLEMENTED, worded as grpc-go words it.  ``observe`` (metrics) sees
+    every call of the service.
+    """
+
+    def __init__(self, backend: Snapshotter, observe: Observer | None = None) -> None:
+        s = self.servicer = SnapshotsServicer(backend)
+        self._observe = observe
+        self._methods = {
+            method_path(m.name): m
+            for m in (
+                _Method("Prepare", pb.PrepareSnapshotRequest, s.Prepare),
+                _Method("View", pb.ViewSnapshotRequest, s.View),
+                _Method("Mounts", pb.MountsRequest, s.Mounts),
+                _Method("Commit", pb.CommitSnapshotRequest, s.Commit),
+                _Method("Remove", pb.RemoveSnapshotRequest, s.Remove),
+                _Method("Stat", pb.StatSnapshotRequest, s.Stat),
+                _Method("Update", pb.UpdateSnapshotRequest, s.Update),
+                _Method("List", pb.ListSnapshotsRequest, s.List),
+                _Method("Usage", pb.UsageRequest, s.Usage),
+                _Method("Cleanup", pb.CleanupRequest, s.Cleanup),
+            )
+        }
+
+    def __call__(self, call: GrpcCall) -> Reply:
+        method = self._methods.get(call.path)
+        if method is None:
+            service, _, name = call.path.lstrip("/").rpartition("/")
+            if service != SERVICE_NAME:
+                return grpc.StatusCode.UNIMPLEMENTED, f"unknown service {service}", b""
+            return (grpc.StatusCode.UNIMPLEMENTED,
+                    f"unknown method {name} for service {service}", b"")
+        start = time.perf_counter()
         try:
-            with _headers(context):
-                return fn(_parse(request_type, data), context)
+            with _headers(call.metadata):
+                response = method.fn(_parse(method.request_type, call.message))
+            body = frame(response if isinstance(response, list) else (response,))
+            code, message = grpc.StatusCode.OK, ""
         except Exception as exc:  # every exception is answered by the table
-            failure = exc
-        _abort(context, name, failure)
-        raise AssertionError("unreachable: abort raises")
-
-    return grpc.unary_unary_rpc_method_handler(
-        handler, request_deserializer=None, response_serializer=_serialize
-    )
-
-
-def _stream(
-    name: str,
-    request_type: type[_Req],
-    fn: Callable[[_Req, grpc.ServicerContext], Iterable[_Resp]],
-) -> Any:
-    def handler(data: bytes, context: grpc.ServicerContext) -> Iterator[_Resp]:
-        try:
-            with _headers(context):
-                responses = fn(_parse(request_type, data), context)
-        except Exception as exc:  # every exception is answered by the table
-            _abort(context, name, exc)
-            return
-        for response in responses:
-            if not context.is_active():
-                return  # the client went away
-            yield response
-
-    return grpc.unary_stream_rpc_method_handler(
-        handler, request_deserializer=None, response_serializer=_serialize
-    )
+            code, message = to_status(exc)
+            body = b""
+            if isinstance(exc, OverlayError):
+                log.debug("%s: %s %s", method.name, code.name, message)
+            else:
+                log.error("%s: unexpected %s", method.name, message, exc_info=exc)
+        if self._observe is not None:
+            self._observe(method.name, code.name, time.perf_counter() - start)
+        return code, message, body
 
 
-def _serialize(message: Message) -> bytes:
-    return message.SerializeToString()
+# ----------------------------------------------------------------------------- the server
 
 
-def add_to_server(server: grpc.Server, backend: Snapshotter) -> SnapshotsServicer:
-    """Register the snapshots service over ``backend`` on ``server``."""
-    servicer = SnapshotsServicer(backend)
-    s = servicer
-    handlers = {
-        "Prepare": _unary("Prepare", pb.PrepareSnapshotRequest, s.Prepare),
-        "View": _unary("View", pb.ViewSnapshotRequest, s.View),
-        "Mounts": _unary("Mounts", pb.MountsRequest, s.Mounts),
-        "Commit": _unary("Commit", pb.CommitSnapshotRequest, s.Commit),
-        "Remove": _unary("Remove", pb.RemoveSnapshotRequest, s.Remove),
-        "Stat": _unary("Stat", pb.StatSnapshotRequest, s.Stat),
-        "Update": _unary("Update", pb.UpdateSnapshotRequest, s.Update),
-        "List": _stream("List", pb.ListSnapshotsRequest, s.List),
-        "Usage": _unary("Usage", pb.UsageRequest, s.Usage),
-        "Cleanup": _unary("Cleanup", pb.CleanupRequest, s.Cleanup),
-    }
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
-    )
-    return servicer
+def _listen(address: str) -> socket.socket:
+    target = unix_target(address)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        if target.startswith(_ABSTRACT):
+            sock.bind("\0" + target[len(_ABSTRACT):])
+        else:
+            path = socket_path(address)
+            if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
+                raise InvalidArgumentError(
+                    f"socket path {path!r} is longer than {_MAX_SOCKET_PATH} bytes (the unix limit)"
+                )
+            _make_dirs(path)
+            _claim_socket(path)
+            sock.bind(path)
+        sock.listen(socket.SOMAXCONN)
+    except OSError as exc:
+        sock.close()
+        raise UnavailableError(f"cannot listen on {target!r}: {exc}") from exc
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def make_server(
     backend: Snapshotter,
-    address: str,
+    address: str | socket.socket,
     *,
     max_workers: int = 16,
-    interceptors: Sequence[Any] = (),
-    options: Sequence[tuple[str, Any]] = (),
-) -> grpc.Server:
-    """A gRPC server with the snapshots service over ``backend``, bound to
-    ``address`` but not started: add more services if needed, then ``start()``.
+    observe: Observer | None = None,
+) -> RpcServer:
+    """A server of the snapshots service over ``backend``, listening but not
+    started: ``start()`` it, ``stop(grace)`` it.
 
     ``address`` is a unix socket path (``unix:///abs/path``, ``unix:path`` or a
-    plain path) or ``unix-abstract:name``.  For a path, missing directories are
-    created (0711), a stale socket file is replaced, a socket something still
-    listens on is AlreadyExistsError and a path too long for a unix socket
-    InvalidArgumentError.  ``interceptors`` are ``grpc.ServerInterceptor``s
-    (metrics); they see the raw request bytes and the statuses set here.
+    plain path), ``unix-abstract:name``, or a listening socket to adopt
+    (systemd socket activation).  For a path, missing directories are created
+    (0711), a stale socket file is replaced, a socket something still listens
+    on is AlreadyExistsError and a path too long for a unix socket
+    InvalidArgumentError.  ``observe`` sees every call (metrics).
     """
-    target = unix_target(address)
-    if not target.startswith(_ABSTRACT):
-        path = socket_path(address)
-        if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
-            raise InvalidArgumentError(
-                f"socket path {path!r} is longer than {_MAX_SOCKET_PATH} bytes (the unix limit)"
-            )
-        _make_dirs(path)
-        _claim_socket(path)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ovl-grpc"),
-        interceptors=list(interceptors),
-        options=[*CHANNEL_OPTIONS, *options],
-    )
-    add_to_server(server, backend)
-    try:
-        port = server.add_insecure_port(target)
-    except RuntimeError as exc:
-        server.stop(None)
-        raise UnavailableError(f"cannot listen on {target!r}: {exc}") from exc
-    if port == 0:
-        server.stop(None)
-        raise UnavailableError(f"cannot listen on {target!r}")
-    return server
+    listener = address if isinstance(address, socket.socket) else _listen(address)
+    return RpcServer(listener, SnapshotsService(backend, observe),
+                     workers=max_workers, max_message=MAX_MESSAGE_SIZE)

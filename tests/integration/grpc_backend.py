@@ -35,7 +35,7 @@ def serve(backend: Snapshotter, *, max_workers: int = 8) -> Iterator[str]:
     try:
         yield address
     finally:
-        server.stop(None).wait()
+        server.stop()
         shutil.rmtree(sock_dir, ignore_errors=True)
 
 

@@ -714,7 +714,7 @@ def test_make_server_guards_its_socket(tmp_path: Path) -> None:
             with pytest.raises(AlreadyExistsError, match="already listening"):
                 make_server(backend, f"unix://{path}")
         finally:
-            server.stop(None).wait()
+            server.stop()
         # a stale socket file (its server is gone) is replaced
         if not path.exists():
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -726,7 +726,7 @@ def test_make_server_guards_its_socket(tmp_path: Path) -> None:
             with RemoteSnapshotter(str(path)) as client, pytest.raises(UnknownError):
                 client.stat("x")
         finally:
-            server.stop(None).wait()
+            server.stop()
     finally:
         path.unlink(missing_ok=True)
     regular = tmp_path / "file"
@@ -758,20 +758,11 @@ def test_remote_overlay_hook(tmp_path: Path, privileged: None) -> None:
         sn.stat("c")
 
 
-class CountingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self) -> None:
-        self.methods: list[str] = []
-
-    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
-        self.methods.append(str(details.method))
-        return continuation(details)
-
-
-def test_make_server_abstract_socket_and_interceptors() -> None:
+def test_make_server_abstract_socket_and_observer() -> None:
     backend = cast(Snapshotter, FakeBackend(RuntimeError("boom")))
-    counter = CountingInterceptor()
+    seen: list[tuple[str, str]] = []
     address = f"unix-abstract:ovl-test-{os.getpid()}-{threading.get_ident()}"
-    server = make_server(backend, address, interceptors=[counter])
+    server = make_server(backend, address, observe=lambda m, code, secs: seen.append((m, code)))
     server.start()
     try:
         with RemoteSnapshotter(address) as client:
@@ -782,8 +773,8 @@ def test_make_server_abstract_socket_and_interceptors() -> None:
             client.walk(got.append)
             assert [i.kind for i in got] == [Kind.COMMITTED]
     finally:
-        server.stop(None).wait()
-    assert counter.methods == [method_path("Stat"), method_path("List")]
+        server.stop()
+    assert seen == [("Stat", "UNKNOWN"), ("List", "OK")]
 
 
 def test_make_server_creates_socket_directories_whatever_the_umask(tmp_path: Path) -> None:
@@ -800,4 +791,4 @@ def test_make_server_creates_socket_directories_whatever_the_umask(tmp_path: Pat
             assert d.stat().st_mode & 0o777 == 0o711
         assert sock.is_socket()
     finally:
-        server.stop(None).wait()
+        server.stop()
