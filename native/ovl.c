@@ -1060,6 +1060,14 @@ static int walk_parallel(struct walk *w, struct wstats *s, struct frame *root, d
     w->queue_frames = cur;
     w->queue_len = ncur;
     w->queue_next = 0;
+    {
+        /* no more threads than subtrees left: a small tree spawns none */
+        size_t left = 0;
+        for (i = 0; i < ncur; i++)
+            left += cur[i]->subs.n;
+        if (left < (size_t)nthreads)
+            nthreads = left > 0 ? (int)left : 1;
+    }
     workers = calloc((size_t)nthreads, sizeof *workers);
     if (workers == NULL) {
         errno = ENOMEM;
