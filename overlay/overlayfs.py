@@ -51,7 +51,7 @@ from overlay.errors import (
     NotFoundError,
     UnavailableError,
 )
-from overlay.mount import Mount, MountInfo, mount_table
+from overlay.mount import Mount, MountInfo, MountTableWatch
 from overlay.snapshots import (
     LABEL_SNAPSHOT_REF,
     LABEL_UPPERDIR,
@@ -175,6 +175,10 @@ class OverlaySnapshotter:
             options.append("index=off")
         self._config = MountConfig(self._root, tuple(options))
         self._ms = metastore.MetaStore(os.path.join(self._root, "metadata.db"))
+        # busy-orphan checks: the mount table, parsed again only when it changed
+        self._mounts = MountTableWatch()
+        self._snapshots_real = os.path.realpath(self._snapshots)
+        self._fs_cached: tuple[list[MountInfo], tuple[str, str] | None] | None = None
         self._closed = False
         self._trash_lock = threading.Lock()
 
@@ -365,10 +369,18 @@ class OverlaySnapshotter:
 
     # ----------------------------------------------------------------- cleanup
 
-    def _fs_path(self, table: Sequence[MountInfo]) -> tuple[str, str] | None:
+    def _fs_path(self, table: list[MountInfo]) -> tuple[str, str] | None:
         """(device, path of snapshots/ inside its filesystem), for matching
-        bind mounts in mountinfo."""
-        real = os.path.realpath(self._snapshots)
+        bind mounts in mountinfo; computed once per mount table."""
+        cached = self._fs_cached
+        if cached is not None and cached[0] is table:
+            return cached[1]
+        found = self._find_fs_path(table)
+        self._fs_cached = (table, found)
+        return found
+
+    def _find_fs_path(self, table: Sequence[MountInfo]) -> tuple[str, str] | None:
+        real = self._snapshots_real
         best: MountInfo | None = None
         for m in table:
             t = m.target.rstrip("/") or "/"
@@ -389,8 +401,8 @@ class OverlaySnapshotter:
         if not wanted:
             return {}
         busy: dict[str, str] = {}
-        snapshots = os.path.realpath(self._snapshots)
-        table = mount_table()  # read once: it is the costly part of a cleanup
+        snapshots = self._snapshots_real
+        table = self._mounts.rows()  # parsed again only when a mount came or went
         fs = self._fs_path(table)
 
         def owner(path: str, base: str) -> str | None:
@@ -525,4 +537,5 @@ class OverlaySnapshotter:
         if self._closed:
             return
         self._closed = True
+        self._mounts.close()
         self._ms.close()

@@ -10,6 +10,7 @@ import pytest
 
 from overlay import _native
 from overlay._native import MountFlag, UnmountFlag
+from overlay.mount import MountTableWatch, mount_table
 from tests.helpers import mounts_under
 
 
@@ -274,3 +275,30 @@ def test_small_helpers(tmpfs: Path, tmp_path: Path) -> None:
     assert list(empty.iterdir()) == []
     with pytest.raises(FileNotFoundError):
         _native.syncfs(tmpfs / "missing")
+
+
+def test_mount_table_watch_parses_again_only_after_a_change(tmpfs: Path) -> None:
+    watch = MountTableWatch()
+    try:
+        first = watch.rows()
+        assert first == mount_table()
+        assert watch.rows() is first  # nothing changed: not read again
+        target = tmpfs / "m"
+        target.mkdir()
+        _native.mount("none", target, "tmpfs", 0, "size=1m")
+        try:
+            mounted = watch.rows()
+            assert mounted is not first
+            assert str(target) in [m.target for m in mounted]
+            assert mounted == mount_table()
+            assert watch.rows() is mounted
+        finally:
+            _native.unmount(target)
+        after = watch.rows()
+        assert str(target) not in [m.target for m in after]
+        assert after == mount_table()
+    finally:
+        watch.close()
+    watch.close()  # idempotent
+    with pytest.raises(ValueError, match="closed"):
+        watch.rows()
