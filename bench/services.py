@@ -24,6 +24,7 @@ sockets in a short private directory under /tmp.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import sys
@@ -55,6 +56,7 @@ __all__ = [
     "ContainerdSnapshots",
     "Contender",
     "Daemon",
+    "cpu_seconds",
     "ovl_daemon",
 ]
 
@@ -67,6 +69,16 @@ SETTLE_TIMEOUT = 120.0
 #: ... or until the backend's directories have not changed for this long
 QUIET_SECONDS = 1.0
 BUILTIN = "overlayfs"
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of every thread of ``pid`` so far (schedstat: nanoseconds, not ticks)."""
+    total = 0
+    tasks = Path(f"/proc/{pid}/task")
+    for task in os.listdir(tasks):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            total += int((tasks / task / "schedstat").read_text().split()[0])
+    return total / 1e9
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +232,20 @@ class Backends:
             client.remove(name)
         self.settle(contender, 0)
         return client
+
+    def processes(self, contender: str) -> dict[str, int]:
+        """The processes doing ``contender``'s work (for CPU accounting): this
+        one (the client, and the in-process snapshotter), our daemon,
+        containerd."""
+        procs = {"client": os.getpid()}
+        if contender == "daemon" and self._daemon is not None:
+            procs["ovl"] = self._daemon.process.pid
+        if contender in CONTAINERD_CONTENDERS and self._stack is not None:
+            assert self._stack.containerd is not None and self._stack.daemon is not None
+            procs["containerd"] = self._stack.containerd.pid
+            if contender == "ctd-ovl":
+                procs["ovl"] = self._stack.daemon.pid
+        return procs
 
     def settle(self, contender: str, live: int) -> float | None:
         """Let deferred deletions finish before a round: reclaim what earlier

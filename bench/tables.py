@@ -263,6 +263,19 @@ def _op_rate(e: Entry, op: str) -> float | None:
     return n / median if median > 0 else None
 
 
+def _cpu_cell(e: Entry) -> str:
+    """"client 700 us + containerd 980 us = 1.68 ms" for one contender."""
+    rounds = e.get("cpu_seconds")
+    n = e.get("snapshots")
+    if not isinstance(rounds, dict) or not isinstance(n, int) or n <= 0:
+        return ""
+    per = {name: statistics.median(values) / n for name, values in rounds.items() if values}
+    if not per:
+        return ""
+    parts = [f"{name} {duration(v)}" for name, v in per.items()]
+    return " + ".join(parts) + f" = {duration(sum(per.values()))}"
+
+
 def _daemon(entries: Sequence[Entry], workload: str, fs: str) -> str | None:
     mine = [e for e in entries
             if e.kind == "daemon" and e.get("workload") == workload and e.get("fs") == fs]
@@ -317,6 +330,11 @@ def _daemon(entries: Sequence[Entry], workload: str, fs: str) -> str | None:
         if odd:
             lines.append(f"   snapshots walked != {mine[0].get('snapshots')}: "
                          + ", ".join(odd))
+    cpu = [_cpu_cell(e) for e in mine]
+    if any(cpu):
+        unit = "cycle" if workload == "cycle" else "snapshot walked"
+        lines.append(f"   CPU per {unit} (median round), by process:")
+        lines += [f"     {e.get('contender')}: {c}" for e, c in zip(mine, cpu, strict=True) if c]
     for e in mine:
         if e.get("unsettled_rounds"):
             lines.append(f"   {e.get('contender')}: {e.get('unsettled_rounds')} round(s) "

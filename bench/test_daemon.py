@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 from bench.config import Benchmark, rounds, snapshot_filesystems
-from bench.services import CONTENDERS, Backends, Contender
+from bench.services import CONTENDERS, Backends, Contender, cpu_seconds
 from bench.support import filesystem
 from bench.trees import scale
 from bench.workloads import (
@@ -63,6 +63,22 @@ def backends(request: pytest.FixtureRequest) -> Iterator[Backends]:
                 _native.remove_tree(work)
 
 
+class CpuMeter:
+    """CPU seconds each process of a contender spends per timed round."""
+
+    def __init__(self, procs: dict[str, int]) -> None:
+        self.procs = procs
+        self.rounds: dict[str, list[float]] = {name: [] for name in procs}
+        self._start: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._start = {name: cpu_seconds(pid) for name, pid in self.procs.items()}
+
+    def stop(self) -> None:
+        for name, pid in self.procs.items():
+            self.rounds[name].append(cpu_seconds(pid) - self._start[name])
+
+
 def _describe(benchmark: Benchmark, workload: str, b: Backends, contender: Contender,
               n: int, description: str) -> int:
     nr = rounds()
@@ -87,14 +103,19 @@ def test_cycle(benchmark: Benchmark, backends: Backends, contender: Contender) -
         waits.append(backends.settle(contender.id, 0))
         return (fresh_keys("cycle", n),), {}
 
+    meter = CpuMeter(backends.processes(contender.id))
+
     def run(keys: list[str]) -> None:
+        meter.start()
         per_round.append(cycle(sn, keys))
+        meter.stop()
 
     nr = _describe(benchmark, "cycle", backends, contender, n,
                    f"prepare -> commit -> stat -> remove, {n:,} cycles per round")
     benchmark.pedantic(run, setup=setup, rounds=nr, iterations=1)
     benchmark.extra_info["op_seconds"] = {op: [r[op] for r in per_round] for op in CYCLE_OPS}
     benchmark.extra_info["unsettled_rounds"] = sum(w is None for w in waits)
+    benchmark.extra_info["cpu_seconds"] = meter.rounds
     record_op_rate(benchmark, len(CYCLE_OPS) * n, cycles=n)
 
 
@@ -109,7 +130,15 @@ def test_walk(benchmark: Benchmark, backends: Backends, contender: Contender) ->
         nr = _describe(benchmark, "walk", backends, contender, n,
                        f"one walk (containerd: List) over {n:,} committed snapshots per round")
         benchmark.extra_info.update(walked=walk_count(sn), unsettled_rounds=int(settled is None))
-        benchmark.pedantic(walk_count, args=(sn,), rounds=nr, iterations=1)
+        meter = CpuMeter(backends.processes(contender.id))
+
+        def run() -> None:
+            meter.start()
+            walk_count(sn)
+            meter.stop()
+
+        benchmark.pedantic(run, rounds=nr, iterations=1)
+        benchmark.extra_info["cpu_seconds"] = meter.rounds
         record_op_rate(benchmark, n)
     finally:
         remove_all(sn, names)
