@@ -35,6 +35,7 @@
 #define STREAM_WINDOW (1 << 20)
 #define CONN_WINDOW (16 << 20)
 #define STANDBY_MS 2 /* longest a slow handler leaves the loop unwatched */
+#define FLUSH_BATCH (1 << 20) /* bytes gathered from nghttp2 per send */
 #define PREFIX 5 /* gRPC message prefix: compressed flag + 32-bit length */
 
 enum call_state { RECEIVING, QUEUED, RESPONDING };
@@ -191,24 +192,23 @@ static void conn_flush(struct conn *c)
 {
     if (c->dead || c->broken)
         return;
-    if (c->out_off == c->out.len) {
-        c->out.len = c->out_off = 0;
-        for (;;) {
-            const uint8_t *data;
-            ssize_t n = nghttp2_session_mem_send(c->session, &data);
-            if (n < 0) {
-                c->broken = 1;
-                break;
+    for (;;) {
+        if (c->out_off == c->out.len) {
+            /* the socket took everything: gather what nghttp2 has next */
+            c->out.len = c->out_off = 0;
+            while (c->out.len < FLUSH_BATCH) {
+                const uint8_t *data;
+                ssize_t n = nghttp2_session_mem_send(c->session, &data);
+                if (n == 0)
+                    break;
+                if (n < 0 || buf_add(&c->out, data, (size_t)n) < 0) {
+                    c->broken = 1;
+                    break;
+                }
             }
-            if (n == 0)
-                break;
-            if (buf_add(&c->out, data, (size_t)n) < 0) {
-                c->broken = 1;
-                break;
-            }
+            if (c->broken || c->out.len == 0)
+                break; /* done, or flow control holds the rest until a WINDOW_UPDATE */
         }
-    }
-    while (!c->broken && c->out_off < c->out.len) {
         ssize_t n = send(c->fd, c->out.p + c->out_off, c->out.len - c->out_off,
                          MSG_NOSIGNAL | MSG_DONTWAIT);
         if (n > 0) {
@@ -216,21 +216,16 @@ static void conn_flush(struct conn *c)
         } else if (n < 0 && errno == EINTR) {
             continue;
         } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            arm_out(c, 1);
+            arm_out(c, 1); /* the rest, and whatever nghttp2 queues meanwhile, on EPOLLOUT */
             return;
         } else {
             c->broken = 1;
+            break;
         }
     }
     if (c->broken) {
         arm_out(c, 1); /* the poller sees the error and closes */
         wake(c->srv);
-        return;
-    }
-    c->out.len = c->out_off = 0;
-    if (nghttp2_session_want_write(c->session)) {
-        /* flow control held data back: more once the peer opens its window */
-        arm_out(c, 0);
         return;
     }
     arm_out(c, 0);
