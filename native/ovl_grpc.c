@@ -36,6 +36,7 @@
 #define CONN_WINDOW (16 << 20)
 #define STANDBY_MS 2 /* longest a slow handler leaves the loop unwatched */
 #define FLUSH_BATCH (1 << 20) /* bytes gathered from nghttp2 per send */
+#define LINGER_MS 500 /* longest a drained conn waits for its peer's EOF */
 #define PREFIX 5 /* gRPC message prefix: compressed flag + 32-bit length */
 
 enum call_state { RECEIVING, QUEUED, RESPONDING };
@@ -72,6 +73,8 @@ struct conn {
     pthread_mutex_t mu;
     nghttp2_session *session;
     int dead, broken, want_out, goaway;
+    int lingering; /* FIN sent after a graceful end: waiting for the peer's EOF */
+    int64_t linger_until; /* CLOCK_MONOTONIC ms */
     struct buf out;
     size_t out_off;
     struct call *calls;
@@ -91,6 +94,7 @@ struct ovl_grpc_server {
     uint64_t leave_seq;        /* requests the poller left the loop to answer */
     struct call *qhead, *qtail;
     int draining, stopped, accept_paused;
+    int nlinger; /* lingering conns (the poller's) */
     struct conn *conns;
     uint64_t accepted, nconns, calls, pending;
     nghttp2_session_callbacks *cbs;
@@ -231,10 +235,12 @@ static void conn_flush(struct conn *c)
     arm_out(c, 0);
 }
 
-static int conn_done(struct conn *c)
+/* Nothing left to read or write: both sides said GOAWAY, or we did and no
+ * stream is open. */
+static int conn_idle(struct conn *c)
 {
-    return c->broken || (!nghttp2_session_want_read(c->session) &&
-                         !nghttp2_session_want_write(c->session) && c->out_off == c->out.len);
+    return !nghttp2_session_want_read(c->session) && !nghttp2_session_want_write(c->session) &&
+           c->out_off == c->out.len;
 }
 
 /* --------------------------------------------------------------- responses */
@@ -582,6 +588,8 @@ fail:
 static void conn_close(struct conn *c)
 {
     struct ovl_grpc_server *s = c->srv;
+    if (c->lingering)
+        s->nlinger--;
     pthread_mutex_lock(&c->mu);
     c->dead = 1;
     struct call *free_list = NULL;
@@ -620,10 +628,50 @@ static void conn_close(struct conn *c)
     conn_unref(c);
 }
 
+/* The end of a drained connection (the poller only): send FIN and wait for
+ * the peer's EOF, LINGER_MS at most, before closing.  Closing at once could
+ * make the peer's pending write (a PING, a WINDOW_UPDATE) fail with EPIPE,
+ * and grpcio then fails streams whose answers already sit in its receive
+ * buffer. */
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void conn_linger(struct conn *c)
+{
+    c->srv->nlinger++;
+    pthread_mutex_lock(&c->mu);
+    c->lingering = 1;
+    c->linger_until = now_ms() + LINGER_MS;
+    shutdown(c->fd, SHUT_WR);
+    arm_out(c, 0);
+    pthread_mutex_unlock(&c->mu);
+}
+
 static void conn_event(struct conn *c, uint32_t events, unsigned char *rbuf)
 {
     int fail = 0;
     pthread_mutex_lock(&c->mu);
+    if (c->lingering) { /* discard until the peer's EOF */
+        for (size_t total = 0; total < READ_BUDGET;) {
+            ssize_t n = read(c->fd, rbuf, READ_CHUNK);
+            if (n > 0) {
+                total += (size_t)n;
+            } else if (n < 0 && errno == EINTR) {
+                continue;
+            } else {
+                fail = n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK);
+                break;
+            }
+        }
+        pthread_mutex_unlock(&c->mu);
+        if (fail)
+            conn_close(c);
+        return;
+    }
     if (events & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
         for (size_t total = 0; total < READ_BUDGET && !fail && !c->broken;) {
             ssize_t n = read(c->fd, rbuf, READ_CHUNK);
@@ -643,19 +691,27 @@ static void conn_event(struct conn *c, uint32_t events, unsigned char *rbuf)
         }
     }
     conn_flush(c);
-    int done = fail || conn_done(c);
+    int cut = fail || c->broken, idle = !cut && conn_idle(c);
+    int graceful = idle && c->goaway; /* we drained it: let the peer read it all */
     pthread_mutex_unlock(&c->mu);
-    if (done)
+    if (cut || (idle && !graceful))
         conn_close(c);
+    else if (graceful)
+        conn_linger(c);
 }
 
-/* Draining: GOAWAY each connection once, close those with nothing left. */
+/* Draining: GOAWAY each connection once, end those with nothing left. */
 static void drain_conns(struct ovl_grpc_server *s)
 {
     struct conn *c = s->conns;
     while (c) {
         struct conn *next = c->next;
         pthread_mutex_lock(&c->mu);
+        if (c->lingering) {
+            pthread_mutex_unlock(&c->mu);
+            c = next;
+            continue;
+        }
         if (!c->goaway) {
             c->goaway = 1;
             nghttp2_submit_goaway(c->session, NGHTTP2_FLAG_NONE,
@@ -663,10 +719,12 @@ static void drain_conns(struct ovl_grpc_server *s)
                                   NGHTTP2_NO_ERROR, NULL, 0);
             conn_flush(c);
         }
-        int done = conn_done(c);
+        int cut = c->broken, graceful = !cut && conn_idle(c);
         pthread_mutex_unlock(&c->mu);
-        if (done)
+        if (cut)
             conn_close(c);
+        else if (graceful)
+            conn_linger(c);
         c = next;
     }
 }
@@ -698,6 +756,8 @@ static void poll_round(struct ovl_grpc_server *s, int timeout_ms)
     struct epoll_event evs[64];
     if (s->accept_paused && (timeout_ms < 0 || timeout_ms > 100))
         timeout_ms = 100;
+    if (s->nlinger && (timeout_ms < 0 || timeout_ms > 50))
+        timeout_ms = 50; /* to close lingering conns on time */
     int n = epoll_wait(s->epfd, evs, 64, timeout_ms);
     if (n < 0)
         n = 0; /* EINTR: the caller comes back */
@@ -721,6 +781,16 @@ static void poll_round(struct ovl_grpc_server *s, int timeout_ms)
             /* only a conn's own event closes it in this batch, and each fd
              * appears once per epoll_wait: later events never see a freed conn */
             conn_event(p, evs[i].events, s->rbuf);
+        }
+    }
+    if (s->nlinger) {
+        int64_t now = now_ms();
+        struct conn *c = s->conns;
+        while (c) {
+            struct conn *next = c->next;
+            if (c->lingering && now >= c->linger_until)
+                conn_close(c);
+            c = next;
         }
     }
     int draining = __atomic_load_n(&s->draining, __ATOMIC_ACQUIRE);
@@ -881,6 +951,10 @@ int ovl_grpc_next(struct ovl_grpc_server *s, struct ovl_grpc_call **out)
                 pthread_cond_signal(&s->work);
                 if (s->standby)
                     pthread_cond_signal(&s->standby_cv);
+            } else if (!s->standby) {
+                /* leaving with nobody to watch the loop: a waiting worker
+                 * becomes the standby (or the poller) */
+                pthread_cond_signal(&s->work);
             }
             if (polled) {
                 s->leave_seq++;
@@ -922,7 +996,7 @@ int ovl_grpc_reply(struct ovl_grpc_server *s, struct ovl_grpc_call *pub, int sta
     struct conn *c = call->conn;
     pthread_mutex_lock(&c->mu);
     int rv = -1, err = EPIPE;
-    if (!c->dead && !call->closed && !c->broken) {
+    if (!c->dead && !call->closed && !c->broken && !c->lingering) {
         call->state = RESPONDING;
         int sub = status == 0 ? submit_body(c, call, body, body_len)
                               : submit_status(c, call, status, message);
