@@ -628,11 +628,6 @@ static void conn_close(struct conn *c)
     conn_unref(c);
 }
 
-/* The end of a drained connection (the poller only): send FIN and wait for
- * the peer's EOF, LINGER_MS at most, before closing.  Closing at once could
- * make the peer's pending write (a PING, a WINDOW_UPDATE) fail with EPIPE,
- * and grpcio then fails streams whose answers already sit in its receive
- * buffer. */
 static int64_t now_ms(void)
 {
     struct timespec ts;
@@ -640,6 +635,11 @@ static int64_t now_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+/* The end of a drained connection (the poller only): send FIN and wait for
+ * the peer's EOF, LINGER_MS at most, before closing.  Closing at once could
+ * make the peer's pending write (a PING, a WINDOW_UPDATE) fail with EPIPE,
+ * and grpcio then fails streams whose answers already sit in its receive
+ * buffer. */
 static void conn_linger(struct conn *c)
 {
     c->srv->nlinger++;
