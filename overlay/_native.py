@@ -447,9 +447,13 @@ class GrpcTransport:
         return int(lib.ovl_grpc_shutdown(self._server, max(0, round(grace * 1000))))
 
     def stats(self) -> dict[str, int]:
-        """accepted, connections (open now), calls (handed out), pending."""
+        """accepted, connections (open now), calls (handed out), pending.
+        ValueError once closed."""
         st = ffi.new("struct ovl_grpc_stats *")
-        lib.ovl_grpc_stats(self._server, st)
+        with self._lock:
+            if self._closed:
+                raise ValueError("the gRPC transport is closed")
+            lib.ovl_grpc_stats(self._server, st)
         return {k: int(getattr(st, k)) for k in ("accepted", "connections", "calls", "pending")}
 
     def close(self) -> None:

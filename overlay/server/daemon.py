@@ -113,6 +113,7 @@ class Daemon:
                 os.chmod(cfg.address, 0o660)
                 self._server.start()
                 log.info("serving on %s (root %s)", cfg.address, cfg.root)
+            self.metrics.watch_transport(self._server.stats)
             if cfg.metrics_address:
                 self._http = self.metrics.serve(cfg.metrics_address)
                 log.info("metrics on http://%s/metrics", cfg.metrics_address)

@@ -6,7 +6,9 @@
 * ``overlay_cleanup_backlog_directories`` / ``_bytes``: orphans moved to the
   trash and not yet deleted;
 * ``overlay_snapshots{kind}``: snapshots by kind, read at scrape time;
-* ``overlay_metadata_bytes{what="used"|"map_size"}``: LMDB map use.
+* ``overlay_metadata_bytes{what="used"|"map_size"}``: LMDB map use;
+* ``overlay_grpc_connections`` (open now), ``overlay_grpc_connections_accepted_total``
+  and ``overlay_grpc_pending_calls`` (received, not yet answered): the transport.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
@@ -53,6 +55,23 @@ class _StateCollector(Collector):
             yield meta
 
 
+class _TransportCollector(Collector):
+    def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        try:
+            st = self._stats()
+        except ValueError:  # the server is shutting down
+            return
+        yield GaugeMetricFamily("overlay_grpc_connections", "Client connections open",
+                                value=st["connections"])
+        yield CounterMetricFamily("overlay_grpc_connections_accepted",
+                                  "Client connections accepted", value=st["accepted"])
+        yield GaugeMetricFamily("overlay_grpc_pending_calls",
+                                "Calls received and not yet answered", value=st["pending"])
+
+
 class Metrics:
     """The daemon's metrics on their own registry (tests can read it)."""
 
@@ -82,6 +101,10 @@ class Metrics:
               store: Callable[[], tuple[int, int]] | None = None) -> None:
         """Report snapshot counts (and LMDB use) of ``backend`` at scrape time."""
         self.registry.register(_StateCollector(backend, store))
+
+    def watch_transport(self, stats: Callable[[], dict[str, int]]) -> None:
+        """Report the gRPC transport's connections and pending calls at scrape time."""
+        self.registry.register(_TransportCollector(stats))
 
     def serve(self, address: str) -> Any:
         """Expose /metrics on ``host:port``; returns the HTTP server."""

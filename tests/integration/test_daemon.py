@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import stat
@@ -217,7 +218,9 @@ def test_metrics(tmpfs: Path, sockdir: Path) -> None:
         deadline = time.monotonic() + 20
         while True:
             text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
-            if "overlay_cleanup_backlog_directories 0.0" in text or time.monotonic() > deadline:
+            settled = ("overlay_cleanup_backlog_directories 0.0" in text
+                       and "overlay_grpc_connections 0.0" in text)
+            if settled or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
         assert 'overlay_rpc_duration_seconds_count{method="Prepare"} 2.0' in text
@@ -227,6 +230,12 @@ def test_metrics(tmpfs: Path, sockdir: Path) -> None:
         assert 'overlay_snapshots{kind="active"} 0.0' in text
         assert "overlay_cleanup_backlog_directories 0.0" in text
         assert 'overlay_metadata_bytes{what="used"}' in text
+        # the client above closed its one connection
+        assert "overlay_grpc_connections 0.0" in text
+        # ours, and wait_for_socket's probes if the server took them
+        accepted = re.search(r"^overlay_grpc_connections_accepted_total (\S+)$", text, re.M)
+        assert accepted is not None and float(accepted.group(1)) >= 1
+        assert "overlay_grpc_pending_calls 0.0" in text
     finally:
         code, err = stop(proc)
     assert code == 0, err

@@ -1296,3 +1296,5 @@ def test_listener_owned_by_transport(env: Env, shutdown_first: bool) -> None:
     transport.close()  # idempotent
     assert _fd_inode(fd) != inode
     assert connect_error(path) == errno.ECONNREFUSED
+    with pytest.raises(ValueError, match="closed"):
+        transport.stats()  # never reads freed memory (a metrics scrape may come late)
