@@ -3,7 +3,8 @@
 containerd's GC calls Cleanup while holding its snapshotter lock, so a slow
 Cleanup stalls every Prepare on the node (containerd#11021, #13798).  Here
 ``cleanup()`` only moves the orphans into the trash (a rename each, under
-the metadata lock) and wakes a background thread that deletes the trash;
+the metadata lock) and wakes a background thread that deletes the trash
+(in batches: what gathers within :attr:`DeferredCleanup.BATCH_SECONDS`);
 the metrics show what is still waiting as a backlog.
 """
 
@@ -32,6 +33,11 @@ class DeferredCleanup:
 
     #: how often the worker retries entries that could not go (busy, immutable)
     RETRY_SECONDS = 60.0
+    #: after a wake-up, how long the worker lets more orphans gather before it
+    #: deletes: containerd's GC calls Cleanup after nearly every removal, and a
+    #: deletion run per call would contend with the RPC workers (the GIL, two
+    #: CPUs) hundreds of times a second
+    BATCH_SECONDS = 0.1
 
     def __init__(self, backend: OverlaySnapshotter, metrics: Metrics | None = None) -> None:
         self.backend = backend
@@ -108,7 +114,7 @@ class DeferredCleanup:
     def _run(self) -> None:
         while not self._stop.is_set():
             self._wake.wait(self.RETRY_SECONDS)
-            if self._stop.is_set():
+            if self._stop.wait(self.BATCH_SECONDS):
                 break
             self._wake.clear()
             try:
