@@ -37,6 +37,8 @@
 #define STANDBY_MS 2 /* longest a slow handler leaves the loop unwatched */
 #define FLUSH_BATCH (1 << 20) /* bytes gathered from nghttp2 per send */
 #define LINGER_MS 500 /* longest a drained conn waits for its peer's EOF */
+#define PING_ACK_MS 50 /* PING acknowledgements wait this long: see on_ping */
+#define MAX_PINGS 8
 #define PREFIX 5 /* gRPC message prefix: compressed flag + 32-bit length */
 
 enum call_state { RECEIVING, QUEUED, RESPONDING };
@@ -75,6 +77,9 @@ struct conn {
     int dead, broken, want_out, goaway;
     int lingering; /* FIN sent after a graceful end: waiting for the peer's EOF */
     int64_t linger_until; /* CLOCK_MONOTONIC ms */
+    uint8_t pings[MAX_PINGS][8]; /* PING payloads not yet acknowledged */
+    int npings;
+    int64_t ping_due;             /* when they are acknowledged */
     struct buf out;
     size_t out_off;
     struct call *calls;
@@ -95,6 +100,8 @@ struct ovl_grpc_server {
     struct call *qhead, *qtail;
     int draining, stopped, accept_paused;
     int nlinger; /* lingering conns (the poller's) */
+    int nping;   /* conns holding PING acknowledgements (the poller's) */
+    nghttp2_option *options;
     struct conn *conns;
     uint64_t accepted, nconns, calls, pending;
     nghttp2_session_callbacks *cbs;
@@ -127,6 +134,14 @@ static void buf_free(struct buf *b)
 }
 
 /* ------------------------------------------------------------ small helpers */
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
 
 static void wake(struct ovl_grpc_server *s)
 {
@@ -509,8 +524,41 @@ static int finish_request(struct conn *c, struct call *call)
     return 0;
 }
 
+/* Acknowledge the PINGs a conn holds (c->mu held, the poller). */
+static void ack_pings(struct conn *c)
+{
+    for (int i = 0; i < c->npings; i++)
+        nghttp2_submit_ping(c->session, NGHTTP2_FLAG_ACK, c->pings[i]);
+    if (c->npings)
+        c->srv->nping--;
+    c->npings = 0;
+}
+
+/* A PING (the poller, in mem_recv).  Its acknowledgement waits PING_ACK_MS:
+ * grpc-go (containerd's client) measures bandwidth by sending a PING with
+ * nearly every response it receives, whenever none is outstanding, so an
+ * acknowledgement at once costs both sides another wake-up per call.  Held,
+ * the PING stays outstanding and the next ones are not sent: at most one
+ * per PING_ACK_MS.  RFC 9113 asks only that PINGs be answered (and answers
+ * go out first, once due); keepalive timeouts are seconds. */
+static void on_ping(struct conn *c, const nghttp2_ping *ping)
+{
+    if (c->npings == MAX_PINGS)
+        ack_pings(c);
+    memcpy(c->pings[c->npings++], ping->opaque_data, 8);
+    if (c->npings == 1) {
+        c->ping_due = now_ms() + PING_ACK_MS;
+        c->srv->nping++;
+    }
+}
+
 static int on_frame(nghttp2_session *session, const nghttp2_frame *frame, void *user)
 {
+    if (frame->hd.type == NGHTTP2_PING) {
+        if (!(frame->hd.flags & NGHTTP2_FLAG_ACK))
+            on_ping(user, &frame->ping);
+        return 0;
+    }
     if ((frame->hd.type != NGHTTP2_HEADERS && frame->hd.type != NGHTTP2_DATA) ||
         !(frame->hd.flags & NGHTTP2_FLAG_END_STREAM))
         return 0;
@@ -556,7 +604,7 @@ static void conn_new(struct ovl_grpc_server *s, int fd)
         {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW},
     };
     struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
-    if (nghttp2_session_server_new(&c->session, s->cbs, c) != 0) {
+    if (nghttp2_session_server_new2(&c->session, s->cbs, c, s->options) != 0) {
         c->session = NULL;
         goto fail;
     }
@@ -590,6 +638,8 @@ static void conn_close(struct conn *c)
     struct ovl_grpc_server *s = c->srv;
     if (c->lingering)
         s->nlinger--;
+    if (c->npings)
+        s->nping--;
     pthread_mutex_lock(&c->mu);
     c->dead = 1;
     struct call *free_list = NULL;
@@ -626,13 +676,6 @@ static void conn_close(struct conn *c)
     pthread_cond_broadcast(&s->idle);
     pthread_mutex_unlock(&s->mu);
     conn_unref(c);
-}
-
-static int64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 /* The end of a drained connection (the poller only): send FIN and wait for
@@ -758,6 +801,8 @@ static void poll_round(struct ovl_grpc_server *s, int timeout_ms)
         timeout_ms = 100;
     if (s->nlinger && (timeout_ms < 0 || timeout_ms > 50))
         timeout_ms = 50; /* to close lingering conns on time */
+    if (s->nping && (timeout_ms < 0 || timeout_ms > PING_ACK_MS / 2))
+        timeout_ms = PING_ACK_MS / 2; /* to acknowledge PINGs on time */
     int n = epoll_wait(s->epfd, evs, 64, timeout_ms);
     if (n < 0)
         n = 0; /* EINTR: the caller comes back */
@@ -781,6 +826,17 @@ static void poll_round(struct ovl_grpc_server *s, int timeout_ms)
             /* only a conn's own event closes it in this batch, and each fd
              * appears once per epoll_wait: later events never see a freed conn */
             conn_event(p, evs[i].events, s->rbuf);
+        }
+    }
+    if (s->nping) {
+        int64_t now = now_ms();
+        for (struct conn *c = s->conns; c; c = c->next) {
+            if (c->npings && now >= c->ping_due) {
+                pthread_mutex_lock(&c->mu);
+                ack_pings(c);
+                conn_flush(c);
+                pthread_mutex_unlock(&c->mu);
+            }
         }
     }
     if (s->nlinger) {
@@ -843,6 +899,11 @@ int ovl_grpc_start(int listen_fd, size_t max_message, struct ovl_grpc_server **o
     pthread_condattr_destroy(&attr);
     if (nghttp2_session_callbacks_new(&s->cbs) != 0)
         goto fail_sync;
+    if (nghttp2_option_new(&s->options) != 0) {
+        nghttp2_session_callbacks_del(s->cbs);
+        goto fail_sync;
+    }
+    nghttp2_option_set_no_auto_ping_ack(s->options, 1); /* on_ping */
     nghttp2_session_callbacks_set_on_begin_headers_callback(s->cbs, on_begin_headers);
     nghttp2_session_callbacks_set_on_header_callback(s->cbs, on_header);
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(s->cbs, on_data);
@@ -868,6 +929,7 @@ int ovl_grpc_start(int listen_fd, size_t max_message, struct ovl_grpc_server **o
     *out = s;
     return 0;
 fail_cbs:
+    nghttp2_option_del(s->options);
     nghttp2_session_callbacks_del(s->cbs);
 fail_sync:
     pthread_cond_destroy(&s->work);
@@ -1112,6 +1174,7 @@ void ovl_grpc_free(struct ovl_grpc_server *s)
         close(s->listen_fd);
     close(s->epfd);
     close(s->evfd);
+    nghttp2_option_del(s->options);
     nghttp2_session_callbacks_del(s->cbs);
     pthread_cond_destroy(&s->work);
     pthread_cond_destroy(&s->idle);

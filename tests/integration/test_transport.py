@@ -1298,3 +1298,19 @@ def test_listener_owned_by_transport(env: Env, shutdown_first: bool) -> None:
     assert connect_error(path) == errno.ECONNREFUSED
     with pytest.raises(ValueError, match="closed"):
         transport.stats()  # never reads freed memory (a metrics scrape may come late)
+
+
+def test_every_ping_is_acknowledged_with_its_payload(env: Env) -> None:
+    """Acknowledgements are held back a little (so grpc-go does not ping after
+    every response) but each PING gets one, payload intact, even when more
+    arrive than the server holds at once; requests are served meanwhile."""
+    s = env.server()
+    c = env.h2(s.path)
+    payloads = [b"ping%04d" % i for i in range(20)]
+    for p in payloads:
+        c.conn.ping(p)
+    c.flush()
+    c.echo_ok(b"served while pings wait")
+    for p in payloads:
+        assert c.wait_ping_ack(p), p
+    assert sorted(c.ping_acks) == sorted(payloads)
