@@ -103,7 +103,7 @@ struct ovl_grpc_server {
     int nping;   /* conns holding PING acknowledgements (the poller's) */
     nghttp2_option *options;
     struct conn *conns;
-    uint64_t accepted, nconns, calls, pending;
+    uint64_t accepted, nconns, calls, pending, rejected;
     nghttp2_session_callbacks *cbs;
 };
 
@@ -480,27 +480,38 @@ static int on_data(nghttp2_session *session, uint8_t flags, int32_t stream_id,
 
 /* The whole request is in (c->mu held): hand it to a worker, or answer a
  * request that is not one here. */
+/* A request the transport answers itself, counted (c->mu held). */
+static int refused(struct ovl_grpc_server *s, int rv)
+{
+    pthread_mutex_lock(&s->mu);
+    s->rejected++;
+    pthread_mutex_unlock(&s->mu);
+    return rv;
+}
+
 static int finish_request(struct conn *c, struct call *call)
 {
     struct ovl_grpc_server *s = c->srv;
     call->state = RESPONDING;
     if (!call->post)
-        return submit_http(c, call, "405");
+        return refused(s, submit_http(c, call, "405"));
     if (!call->grpc_content)
-        return submit_http(c, call, "415");
+        return refused(s, submit_http(c, call, "415"));
     if (!call->identity)
-        return submit_status(c, call, OVL_GRPC_UNIMPLEMENTED,
-                             "compressed requests are not supported: use grpc-encoding identity");
+        return refused(s, submit_status(c, call, OVL_GRPC_UNIMPLEMENTED,
+                                        "compressed requests are not supported: "
+                                        "use grpc-encoding identity"));
     if (call->bad_status)
-        return submit_status(c, call, call->bad_status, call->bad_message);
+        return refused(s, submit_status(c, call, call->bad_status, call->bad_message));
     const struct buf *b = &call->body;
     if (b->len < PREFIX || b->len != PREFIX + (size_t)be32(b->p + 1))
-        return submit_status(c, call, OVL_GRPC_INTERNAL,
-                             b->len ? "the request message is truncated"
-                                    : "the request has no message");
+        return refused(s, submit_status(c, call, OVL_GRPC_INTERNAL,
+                                        b->len ? "the request message is truncated"
+                                               : "the request has no message"));
     if (b->p[0] != 0)
-        return submit_status(c, call, OVL_GRPC_INTERNAL,
-                             "compressed message flag set, but grpc-encoding is identity");
+        return refused(s, submit_status(c, call, OVL_GRPC_INTERNAL,
+                                        "compressed message flag set, but grpc-encoding "
+                                        "is identity"));
     static const char nul = 0;
     if (buf_add(&call->meta, &nul, 1) < 0) /* never empty: a valid pointer */
         return NGHTTP2_ERR_NOMEM;
@@ -1157,6 +1168,7 @@ void ovl_grpc_stats(struct ovl_grpc_server *s, struct ovl_grpc_stats *st)
     st->connections = s->nconns;
     st->calls = s->calls;
     st->pending = s->pending;
+    st->rejected = s->rejected;
     pthread_mutex_unlock(&s->mu);
 }
 

@@ -43,6 +43,8 @@ struct ovl_grpc_stats {
     uint64_t connections;  /* connections open now */
     uint64_t calls;        /* requests handed to workers since start */
     uint64_t pending;      /* requests queued or being answered now */
+    uint64_t rejected;     /* requests the transport answered itself (not gRPC,
+                              compressed, malformed, too large) */
 };
 
 /* Serve on listen_fd (a listening stream socket; the server owns it from now

@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 #: The ABI this wrapper was written against (native/ovl.h OVL_ABI_VERSION).
-ABI_VERSION = 4
+ABI_VERSION = 5
 #: mount(2) copies one page of data: a longer option string is refused
 #: (the kernel could otherwise mount a silently truncated layer stack).
 MAX_MOUNT_DATA = 4095
@@ -447,14 +447,15 @@ class GrpcTransport:
         return int(lib.ovl_grpc_shutdown(self._server, max(0, round(grace * 1000))))
 
     def stats(self) -> dict[str, int]:
-        """accepted, connections (open now), calls (handed out), pending.
-        ValueError once closed."""
+        """accepted, connections (open now), calls (handed out), pending,
+        rejected (answered by the transport itself).  ValueError once closed."""
         st = ffi.new("struct ovl_grpc_stats *")
         with self._lock:
             if self._closed:
                 raise ValueError("the gRPC transport is closed")
             lib.ovl_grpc_stats(self._server, st)
-        return {k: int(getattr(st, k)) for k in ("accepted", "connections", "calls", "pending")}
+        return {k: int(getattr(st, k))
+                for k in ("accepted", "connections", "calls", "pending", "rejected")}
 
     def close(self) -> None:
         """Release the transport: after :meth:`shutdown`, once no thread is in

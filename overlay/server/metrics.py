@@ -8,7 +8,8 @@
 * ``overlay_snapshots{kind}``: snapshots by kind, read at scrape time;
 * ``overlay_metadata_bytes{what="used"|"map_size"}``: LMDB map use;
 * ``overlay_grpc_connections`` (open now), ``overlay_grpc_connections_accepted_total``
-  and ``overlay_grpc_pending_calls`` (received, not yet answered): the transport.
+  ``overlay_grpc_pending_calls`` (received, not yet answered) and
+  ``overlay_grpc_rejected_requests_total`` (refused before any method): the transport.
 """
 
 from __future__ import annotations
@@ -70,6 +71,10 @@ class _TransportCollector(Collector):
                                   "Client connections accepted", value=st["accepted"])
         yield GaugeMetricFamily("overlay_grpc_pending_calls",
                                 "Calls received and not yet answered", value=st["pending"])
+        yield CounterMetricFamily(
+            "overlay_grpc_rejected_requests",
+            "Requests refused before reaching a method (not gRPC, compressed, malformed, "
+            "too large)", value=st["rejected"])
 
 
 class Metrics:

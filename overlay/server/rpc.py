@@ -77,7 +77,7 @@ class RpcServer:
             t.start()
 
     def stats(self) -> dict[str, int]:
-        """The transport's counters: accepted, connections, calls, pending."""
+        """The transport's counters: accepted, connections, calls, pending, rejected."""
         return self._transport.stats()
 
     def _work(self) -> None:

@@ -553,8 +553,10 @@ def test_grpcio_message_over_max(env: Env, size: int) -> None:
     assert info.value.details() == f"grpc: received message larger than max ({size} vs. 1024)"
     assert s.recorder.paths() == []
     assert s.stats()["calls"] == 0
+    assert s.stats()["rejected"] == 1
     assert echo(ch, b"small") == b"small"
     assert s.recorder.paths() == [ECHO]
+    assert s.stats()["rejected"] == 1
 
 
 def test_grpcio_many_concurrent_calls(env: Env) -> None:
@@ -790,10 +792,12 @@ def test_h2_rejected_request(env: Env, case: str) -> None:
     assert r.reset is None
     assert s.recorder.paths() == [ECHO]
     assert s.stats()["calls"] == 1
+    assert s.stats()["rejected"] == 1  # counted (overlay_grpc_rejected_requests_total)
     # the same connection goes on serving
     c.echo_ok(b"after")
     assert [call.message for call in s.recorder.calls] == [b"before", b"after"]
     assert s.stats()["calls"] == 2
+    assert s.stats()["rejected"] == 1
     assert not c.terminated
 
 
