@@ -149,16 +149,18 @@ def ns_from_timestamp(ts: Any) -> int:
     return int(ts.seconds) * 1_000_000_000 + int(ts.nanos)
 
 
-def info_to_proto(info: Info) -> pb.Info:
-    """An ``Info`` message with both timestamps always present."""
-    msg = pb.Info(
-        name=info.name,
-        parent=info.parent,
-        kind=kind_to_proto(info.kind),
-        labels=dict(info.labels),
-    )
-    # Marked present explicitly: a zero timestamp must still go on the wire
-    # (containerd 1.6 decodes them as non-nullable).
+def info_to_proto(info: Info, msg: pb.Info | None = None) -> pb.Info:
+    """An ``Info`` message with both timestamps always present; filled in
+    place when ``msg`` is given (a repeated field's new element)."""
+    if msg is None:
+        msg = pb.Info()
+    msg.name = info.name
+    msg.parent = info.parent
+    msg.kind = kind_to_proto(info.kind)
+    if info.labels:
+        msg.labels.update(info.labels)
+    # Set explicitly: a zero timestamp must still go on the wire (containerd
+    # 1.6 decodes them as non-nullable); SetInParent marks it present.
     for ts, ns in ((msg.created_at, info.created_ns), (msg.updated_at, info.updated_ns)):
         ts.SetInParent()
         ts.seconds, ts.nanos = divmod(ns, 1_000_000_000)
@@ -304,12 +306,16 @@ class SnapshotsServicer:
         return pb.UpdateSnapshotResponse(info=info_to_proto(updated))
 
     def List(self, request: pb.ListSnapshotsRequest) -> list[pb.ListSnapshotsResponse]:  # noqa: N802
-        infos: list[pb.Info] = []
-        self.backend.walk(lambda info: infos.append(info_to_proto(info)), *request.filters)
-        return [
-            pb.ListSnapshotsResponse(info=infos[i : i + LIST_BATCH])
-            for i in range(0, len(infos), LIST_BATCH)
-        ]
+        # Built in place, LIST_BATCH infos per message (no copies).
+        responses: list[pb.ListSnapshotsResponse] = []
+
+        def add(info: Info) -> None:
+            if not responses or len(responses[-1].info) == LIST_BATCH:
+                responses.append(pb.ListSnapshotsResponse())
+            info_to_proto(info, responses[-1].info.add())
+
+        self.backend.walk(add, *request.filters)
+        return responses
 
     def Usage(self, request: pb.UsageRequest) -> pb.UsageResponse:  # noqa: N802
         usage = self.backend.usage(request.key)
