@@ -4,7 +4,8 @@ Why not grpcio's server: through containerd, every snapshot operation costs
 one or more round trips to the proxy, and containerd's List does one Stat per
 snapshot.  grpcio's Python server costs far more per call than our metadata
 operations (5-50 us): an echo method called by the same grpcio client took
-270 us per call with grpcio's server and 160 us with this one, on 2 cores.  The
+270 us per call with grpcio's server and about 120 us with this one, on 2
+cores (most of it the client's own).  The
 transport here (``native/ovl_grpc.c`` on libnghttp2, which does all of
 HTTP/2) parses requests on a C thread and hands each finished one to a
 worker waiting without the GIL; the worker runs the handler and writes the
