@@ -5,11 +5,11 @@ one or more round trips to the proxy, and containerd's List does one Stat per
 snapshot.  grpcio's Python server costs far more per call than our metadata
 operations (5-50 us): an echo method called by the same grpcio client took
 270 us per call with grpcio's server and about 120 us with this one, on 2
-cores (most of it the client's own).  The
-transport here (``native/ovl_grpc.c`` on libnghttp2, which does all of
-HTTP/2) parses requests on a C thread and hands each finished one to a
-worker waiting without the GIL; the worker runs the handler and writes the
-answer itself.  grpcio stays our client.
+cores (most of it the client's own).  The transport (``native/ovl_grpc.c``
+on libnghttp2, which does all of HTTP/2) runs on the workers themselves: one
+idle worker waits in epoll without the GIL, reads, and answers the request it
+read while another takes the loop over (leader/followers: no thread hand-off
+per call).  grpcio stays our client.
 
 What the transport itself answers, never reaching a handler: a request that
 is not gRPC (HTTP 405/415), a compressed one (UNIMPLEMENTED), a message over
