@@ -86,7 +86,12 @@ class Daemon:
         self.backend = DeferredCleanup(snapshotter,
                                        self.metrics if cfg.metrics_address else None)
         self.metrics.watch(self.backend, snapshotter.store_stats)
+        self.metrics.watch_transport(self._transport_stats)
         try:
+            # metrics first: once the socket exists, everything is up
+            if cfg.metrics_address:
+                self._http = self.metrics.serve(cfg.metrics_address)
+                log.info("metrics on http://%s/metrics", cfg.metrics_address)
             activated = listen_fds()
             if activated:
                 if len(activated) != 1:
@@ -113,14 +118,16 @@ class Daemon:
                 os.chmod(cfg.address, 0o660)
                 self._server.start()
                 log.info("serving on %s (root %s)", cfg.address, cfg.root)
-            self.metrics.watch_transport(self._server.stats)
-            if cfg.metrics_address:
-                self._http = self.metrics.serve(cfg.metrics_address)
-                log.info("metrics on http://%s/metrics", cfg.metrics_address)
         except BaseException:
             self.stop()
             raise
         sd_notify("READY=1")
+
+    def _transport_stats(self) -> dict[str, int]:
+        server = self._server
+        if server is None:
+            raise ValueError("not serving")
+        return server.stats()
 
     def stop(self, grace: float = DRAIN_SECONDS) -> None:
         sd_notify("STOPPING=1")
@@ -165,4 +172,8 @@ def serve(config: Config) -> int:
         log.info("signal %s: draining in-flight calls", signal.Signals(received[0]).name)
     finally:
         daemon.stop()
+        # Everything is closed; a signal now (a second SIGTERM) would find the
+        # interpreter finalizing, with the default handlers back, and kill us
+        # with a failure status: keep it pending until we are gone.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     return 0

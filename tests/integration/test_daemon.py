@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -149,6 +150,26 @@ def test_sigterm_drains_in_flight_calls(daemon: tuple[Path, Path, subprocess.Pop
         assert getattr(usage, "inodes", 0) == 200 * 1000 + 200 + 1
         with pytest.raises(UnavailableError):
             client.stat("big")
+
+
+def test_signals_until_exit_never_kill_it(daemon: tuple[Path, Path, subprocess.Popen[str]]
+                                         ) -> None:
+    """SIGTERM after SIGTERM, through the drain, the close and the exit: the
+    daemon still ends with status 0 (a signal landing while the interpreter
+    finalizes would otherwise kill it)."""
+    _root, sock, proc = daemon
+    with RemoteSnapshotter(str(sock)) as client:
+        client.prepare("k")
+    sent = 0
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM if sent % 2 == 0 else signal.SIGINT)
+            sent += 1
+        time.sleep(0.001)
+    code, err = stop(proc)
+    assert sent >= 2
+    assert code == 0, err
 
 
 def test_systemd_notify_and_socket_activation(tmpfs: Path, sockdir: Path) -> None:
