@@ -36,6 +36,7 @@ import os
 import random
 import select
 import signal
+import statistics
 import threading
 import time
 import traceback
@@ -439,16 +440,23 @@ def test_sigkill_at_random_instants(privileged: None, tmpfs: Path, seed: int,
     sn.close()
 
     stats = Stats()
-    span = 0.0
+    # Delays are drawn below how long the mutations took in the last unkilled
+    # trials (their median), scaled so that about 60% of the trials are killed
+    # whatever the machine's load does to those durations: a kill widens the
+    # range a little, a trial that finished first narrows it.
+    spans: list[float] = []
+    scale = 1.0
     for t in range(TRIALS):
         steps, ready_after = plan(kind, t, model, rng)
-        delay = None if t == 0 else rng.uniform(0, span)
+        delay = None if t == 0 else rng.uniform(0, scale * statistics.median(spans[-5:]))
         j: Journal | None = None
         try:
             killed, j = run_child(root, steps, ready_after, journal, delay)
             if not killed:
                 assert j.ready_ns is not None and j.last_done_ns is not None
-                span = (j.last_done_ns - j.ready_ns) / 1e9
+                spans.append((j.last_done_ns - j.ready_ns) / 1e9)
+            if delay is not None:
+                scale *= 1.05 if killed else 0.93
             stats.trials += 1
             stats.killed += killed
             verify(root, model, steps, j, t, rng, stats)
