@@ -178,7 +178,6 @@ class OverlaySnapshotter:
         # busy-orphan checks: the mount table, parsed again only when it changed
         self._mounts = MountTableWatch()
         self._snapshots_real = os.path.realpath(self._snapshots)
-        self._fs_cached: tuple[list[MountInfo], tuple[str, str] | None] | None = None
         self._closed = False
         self._trash_lock = threading.Lock()
 
@@ -369,17 +368,9 @@ class OverlaySnapshotter:
 
     # ----------------------------------------------------------------- cleanup
 
-    def _fs_path(self, table: list[MountInfo]) -> tuple[str, str] | None:
+    def _fs_path(self, table: Sequence[MountInfo]) -> tuple[str, str] | None:
         """(device, path of snapshots/ inside its filesystem), for matching
-        bind mounts in mountinfo; computed once per mount table."""
-        cached = self._fs_cached
-        if cached is not None and cached[0] is table:
-            return cached[1]
-        found = self._find_fs_path(table)
-        self._fs_cached = (table, found)
-        return found
-
-    def _find_fs_path(self, table: Sequence[MountInfo]) -> tuple[str, str] | None:
+        bind mounts in mountinfo."""
         real = self._snapshots_real
         best: MountInfo | None = None
         for m in table:
