@@ -182,6 +182,12 @@ def _opt(value: str | os.PathLike[str] | bytes | None) -> Any:
     return ffi.NULL if value is None else _b(value)
 
 
+def _check_mount_data(target: str | os.PathLike[str], data: str | None) -> None:
+    if data is not None and len(_b(data)) > MAX_MOUNT_DATA:
+        _raise(target, err=_errno.E2BIG,
+               detail=f"{len(_b(data))} bytes of mount options, the kernel takes {MAX_MOUNT_DATA}")
+
+
 def mount(
     source: str | os.PathLike[str] | None,
     target: str | os.PathLike[str],
@@ -190,9 +196,7 @@ def mount(
     data: str | None = None,
 ) -> None:
     """mount(2).  ``data`` longer than one page raises E2BIG before any call."""
-    if data is not None and len(_b(data)) > MAX_MOUNT_DATA:
-        _raise(target, err=_errno.E2BIG,
-               detail=f"{len(_b(data))} bytes of mount options, the kernel takes {MAX_MOUNT_DATA}")
+    _check_mount_data(target, data)
     while True:
         if lib.ovl_mount(_opt(source), _b(target), _opt(fstype), flags, _opt(data)) == 0:
             return
@@ -218,9 +222,7 @@ def mount_at(
     A helper thread unshares its filesystem context and changes directory;
     the process's working directory never changes.
     """
-    if data is not None and len(_b(data)) > MAX_MOUNT_DATA:
-        _raise(target, err=_errno.E2BIG,
-               detail=f"{len(_b(data))} bytes of mount options, the kernel takes {MAX_MOUNT_DATA}")
+    _check_mount_data(target, data)
     while True:
         rc = lib.ovl_mount_at(_b(cwd), _opt(source), _b(target), _opt(fstype), flags, _opt(data))
         if rc == 0:
@@ -418,7 +420,7 @@ class GrpcTransport:
     def next(self) -> GrpcCall | None:
         """The next request; ``None`` once :meth:`shutdown` ran and none is left."""
         out = ffi.new("struct ovl_grpc_call **")
-        while lib.ovl_grpc_next(self._server, out) != 0:
+        if lib.ovl_grpc_next(self._server, out) != 0:
             if ffi.errno == _errno.ESHUTDOWN:
                 return None
             _raise(None)  # pragma: no cover - ovl_grpc_next fails no other way

@@ -7,7 +7,7 @@
   trash and not yet deleted;
 * ``overlay_snapshots{kind}``: snapshots by kind, read at scrape time;
 * ``overlay_metadata_bytes{what="used"|"map_size"}``: LMDB map use;
-* ``overlay_grpc_connections`` (open now), ``overlay_grpc_connections_accepted_total``
+* ``overlay_grpc_connections`` (open now), ``overlay_grpc_connections_accepted_total``,
   ``overlay_grpc_pending_calls`` (received, not yet answered) and
   ``overlay_grpc_rejected_requests_total`` (refused before any method): the transport.
 """

@@ -90,8 +90,7 @@ class RpcServer:
                 log.error("%s: dispatch failed", call.path, exc_info=exc)
                 code, message, body = (grpc.StatusCode.INTERNAL,
                                        f"{type(exc).__name__}: {exc}: internal", b"")
-            status = int(code.value[0])
-            transport.reply(call, status, message, body if status == 0 else b"")
+            transport.reply(call, int(code.value[0]), message, body)
 
     def stop(self, grace: float | None = None) -> int:
         """Stop accepting, let calls already received finish for ``grace``
