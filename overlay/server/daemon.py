@@ -92,6 +92,8 @@ class Daemon:
             if cfg.metrics_address:
                 self._http = self.metrics.serve(cfg.metrics_address)
                 log.info("metrics on http://%s/metrics", cfg.metrics_address)
+            # per-call histograms cost a few us a call: only when someone scrapes them
+            observe = self.metrics.observe if cfg.metrics_address else None
             activated = listen_fds()
             if activated:
                 if len(activated) != 1:
@@ -102,7 +104,7 @@ class Daemon:
                     )
                 self._server = make_server(self.backend, activated[0],
                                            max_workers=cfg.workers,
-                                           observe=self.metrics.observe)
+                                           observe=observe)
                 self._server.start()
                 log.info("serving on the socket passed by systemd (root %s)", cfg.root)
             else:
@@ -110,7 +112,7 @@ class Daemon:
                 try:
                     self._server = make_server(self.backend, cfg.address,
                                                max_workers=cfg.workers,
-                                               observe=self.metrics.observe)
+                                               observe=observe)
                 finally:
                     os.umask(old)
                 self._socket_path = cfg.address
