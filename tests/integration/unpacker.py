@@ -257,9 +257,13 @@ def unpack(address: str, namespace: str, image: ImageLayers, *, snapshotter: str
                 parent = layer.chain_id
                 continue
             try:
-                request = ApplyRequest(diff=Descriptor(
-                    media_type=layer.media_type, digest=layer.digest, size=layer.size),
-                    mounts=[Mount.FromString(m.SerializeToString()) for m in prepared.mounts])
+                request = ApplyRequest()
+                diff: Any = request.diff  # type: ignore[attr-defined]  # a dynamic message
+                diff.media_type, diff.digest, diff.size = (
+                    layer.media_type, layer.digest, layer.size)
+                for m in prepared.mounts:
+                    request.mounts.add().MergeFromString(  # type: ignore[attr-defined]
+                        m.SerializeToString())
                 applied = client.call(DIFF_APPLY, request, ApplyResponse).applied
                 if applied.digest != layer.diff_id:
                     raise AssertionError(
