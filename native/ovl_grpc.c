@@ -59,6 +59,8 @@ struct call {
     int closed;  /* stream gone while Python held the call */
     int counted; /* in server->pending */
     int post, grpc_content, identity;
+    unsigned pseudo; /* PSEUDO_* seen */
+    int regular;     /* a regular field seen: no pseudo-header may follow */
     int bad_status;
     char bad_message[160];
     char *path;
@@ -396,6 +398,59 @@ static int eq(const uint8_t *a, size_t alen, const char *b)
     return alen == strlen(b) && memcmp(a, b, alen) == 0;
 }
 
+/* Request checks.  nghttp2's HTTP messaging checks are off (ovl_grpc_start):
+ * they refuse requests real gRPC clients send -- grpc-go 1.33 dialing a unix
+ * socket sends its path as :authority ("/run/x.sock" fails nghttp2's
+ * authority syntax), others send an empty one or none, which nghttp2 also
+ * refuses -- and most of the rest protects nothing here.  What we keep makes
+ * a request malformed (RFC 9113 §8.1.1: RST_STREAM PROTOCOL_ERROR, as grpc-go's
+ * own server answers), each so that what a worker sees is unambiguous:
+ *  - a NUL, CR or LF in a field name or value, or an uppercase name (§8.2.1):
+ *    a NUL would split the "name\0value\0" metadata, a "Containerd-Namespace"
+ *    would silently not be the header the client meant;
+ *  - pseudo-headers other than :method, :scheme, :authority, :path, one
+ *    twice, or one after a regular field (§8.3); no :method or no :path.
+ * Dropped, as nghttp2 applies them: :authority/host syntax and presence,
+ * :scheme and :path syntax (we route on the exact :path), te other than
+ * "trailers", connection-specific fields, content-length against the DATA
+ * received (the gRPC prefix frames the message), leading/trailing whitespace
+ * in values, the priority field.  Request trailers are ignored (gRPC puts
+ * nothing there).  Frame-level rules (stream states, flow control, HPACK,
+ * CONTINUATION counts) stay nghttp2's. */
+enum { PSEUDO_METHOD = 1, PSEUDO_SCHEME = 2, PSEUDO_AUTHORITY = 4, PSEUDO_PATH = 8 };
+
+static int bad_bytes(const uint8_t *p, size_t n, int name)
+{
+    for (size_t i = 0; i < n; i++)
+        if (p[i] == 0 || p[i] == '\r' || p[i] == '\n' || (name && p[i] >= 'A' && p[i] <= 'Z'))
+            return 1;
+    return 0;
+}
+
+static unsigned pseudo_bit(const uint8_t *name, size_t namelen)
+{
+    if (eq(name, namelen, ":method"))
+        return PSEUDO_METHOD;
+    if (eq(name, namelen, ":path"))
+        return PSEUDO_PATH;
+    if (eq(name, namelen, ":authority"))
+        return PSEUDO_AUTHORITY;
+    if (eq(name, namelen, ":scheme"))
+        return PSEUDO_SCHEME;
+    return 0;
+}
+
+static int refused(struct ovl_grpc_server *s, int rv);
+
+/* Reset a malformed request's stream (from a header or frame callback). */
+static int malformed(nghttp2_session *session, struct call *call)
+{
+    call->state = RESPONDING; /* nothing more of it is looked at */
+    nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, call->stream_id,
+                              NGHTTP2_PROTOCOL_ERROR);
+    return refused(call->conn->srv, NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE);
+}
+
 static int on_header(nghttp2_session *session, const nghttp2_frame *frame, const uint8_t *name,
                      size_t namelen, const uint8_t *value, size_t valuelen, uint8_t flags,
                      void *user)
@@ -405,17 +460,23 @@ static int on_header(nghttp2_session *session, const nghttp2_frame *frame, const
     struct call *call = stream_call(session, frame->hd.stream_id);
     if (!call || call->state != RECEIVING)
         return 0;
-    if (namelen && name[0] == ':') {
-        if (eq(name, namelen, ":path")) {
-            free(call->path);
+    if (namelen == 0 || bad_bytes(name, namelen, 1) || bad_bytes(value, valuelen, 0))
+        return malformed(session, call);
+    if (name[0] == ':') {
+        unsigned bit = pseudo_bit(name, namelen);
+        if (!bit || (call->pseudo & bit) || call->regular)
+            return malformed(session, call);
+        call->pseudo |= bit;
+        if (bit == PSEUDO_PATH) {
             call->path = strndup((const char *)value, valuelen);
             if (!call->path)
                 return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
-        } else if (eq(name, namelen, ":method")) {
+        } else if (bit == PSEUDO_METHOD) {
             call->post = eq(value, valuelen, "POST");
         }
         return 0;
     }
+    call->regular = 1;
     if (eq(name, namelen, "content-type")) {
         static const char grpc[] = "application/grpc";
         size_t n = sizeof grpc - 1;
@@ -478,8 +539,6 @@ static int on_data(nghttp2_session *session, uint8_t flags, int32_t stream_id,
     return 0;
 }
 
-/* The whole request is in (c->mu held): hand it to a worker, or answer a
- * request that is not one here. */
 /* A request the transport answers itself, counted (c->mu held). */
 static int refused(struct ovl_grpc_server *s, int rv)
 {
@@ -489,6 +548,8 @@ static int refused(struct ovl_grpc_server *s, int rv)
     return rv;
 }
 
+/* The whole request is in (c->mu held): hand it to a worker, or answer a
+ * request that is not one here. */
 static int finish_request(struct conn *c, struct call *call)
 {
     struct ovl_grpc_server *s = c->srv;
@@ -570,11 +631,17 @@ static int on_frame(nghttp2_session *session, const nghttp2_frame *frame, void *
             on_ping(user, &frame->ping);
         return 0;
     }
-    if ((frame->hd.type != NGHTTP2_HEADERS && frame->hd.type != NGHTTP2_DATA) ||
-        !(frame->hd.flags & NGHTTP2_FLAG_END_STREAM))
+    if (frame->hd.type != NGHTTP2_HEADERS && frame->hd.type != NGHTTP2_DATA)
         return 0;
     struct call *call = stream_call(session, frame->hd.stream_id);
     if (!call || call->state != RECEIVING)
+        return 0;
+    if (frame->hd.type == NGHTTP2_HEADERS && frame->headers.cat == NGHTTP2_HCAT_REQUEST &&
+        (call->pseudo & (PSEUDO_METHOD | PSEUDO_PATH)) != (PSEUDO_METHOD | PSEUDO_PATH)) {
+        malformed(session, call);
+        return 0;
+    }
+    if (!(frame->hd.flags & NGHTTP2_FLAG_END_STREAM))
         return 0;
     if (finish_request(user, call) != 0)
         nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, call->stream_id,
@@ -915,6 +982,7 @@ int ovl_grpc_start(int listen_fd, size_t max_message, struct ovl_grpc_server **o
         goto fail_sync;
     }
     nghttp2_option_set_no_auto_ping_ack(s->options, 1); /* on_ping */
+    nghttp2_option_set_no_http_messaging(s->options, 1); /* our own checks: see bad_bytes */
     nghttp2_session_callbacks_set_on_begin_headers_callback(s->cbs, on_begin_headers);
     nghttp2_session_callbacks_set_on_header_callback(s->cbs, on_header);
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(s->cbs, on_data);

@@ -16,6 +16,7 @@ channel and socket is stopped and closed at teardown, even on failure.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
 import os
@@ -813,30 +814,55 @@ def test_h2_rejected_requests_interleaved_on_one_connection(env: Env) -> None:
     assert s.stats()["calls"] == 1
 
 
+def replaced(name: str, value: str) -> list[tuple[str, str]]:
+    """grpc_headers() with pseudo-header ``name`` set to ``value`` in its place."""
+    return [(n, value if n == name else v) for n, v in grpc_headers()]
+
+
+def without(name: str, headers: Sequence[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
+    return [h for h in (grpc_headers() if headers is None else headers) if h[0] != name]
+
+
 MALFORMED: dict[str, list[tuple[str, str]]] = {
     "uppercase-name": grpc_headers(extra=[("X-Upper", "v")]),
     "newline-in-value": grpc_headers(extra=[("x-nl", "a\nb")]),
-    "no-path": [h for h in grpc_headers() if h[0] != ":path"],
-    "connection-header": grpc_headers(extra=[("connection", "close")]),
-    "pseudo-header-after-regular": [*grpc_headers(), (":method", "POST")],
+    "cr-in-value": grpc_headers(extra=[("x-cr", "a\rb")]),
+    "nul-in-value": grpc_headers(extra=[("containerd-namespace", "a\0b")]),
+    "nul-in-name": grpc_headers(extra=[("x-a\0b", "v")]),
+    "newline-in-path": grpc_headers(ECHO + "\n"),
+    "nul-in-path": grpc_headers(ECHO + "\0x"),
+    "no-path": without(":path"),
+    "no-method": without(":method"),
+    "two-paths": [*grpc_headers()[:3], (":path", ECHO), *grpc_headers()[3:]],
+    "two-methods": [(":method", "POST"), *grpc_headers()],
+    "unknown-pseudo-header": [(":status", "200"), *grpc_headers()],
+    "protocol-pseudo-header": [(":protocol", "websocket"), *grpc_headers()],
+    "pseudo-header-after-regular": [*without(":method"), (":method", "POST")],
 }
+
+
+def raw_h2(env: Env, path: str) -> H2Client:
+    """An h2 client that sends headers exactly as given, however invalid."""
+    c = env.h2(path)
+    c.conn = h2.connection.H2Connection(config=h2.config.H2Configuration(
+        client_side=True, header_encoding=None, validate_outbound_headers=False,
+        normalize_outbound_headers=False, split_outbound_cookies=False))
+    c.close()
+    c.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.sock.settimeout(LONG)
+    c.sock.connect(path)
+    c.conn.initiate_connection()
+    c.flush()
+    return c
 
 
 @pytest.mark.parametrize("case", list(MALFORMED))
 def test_h2_malformed_headers_reset_stream(env: Env, case: str) -> None:
-    """Headers HTTP/2 forbids: nghttp2 resets the stream (PROTOCOL_ERROR),
-    the half-built request is dropped, the connection goes on."""
+    """What RFC 9113 calls malformed and we still refuse (native/ovl_grpc.c,
+    bad_bytes): the stream is reset (PROTOCOL_ERROR), the half-built request
+    dropped and counted, the connection goes on."""
     s = env.server()
-    c = env.h2(s.path)
-    c.conn = h2.connection.H2Connection(config=h2.config.H2Configuration(
-        client_side=True, header_encoding=None, validate_outbound_headers=False,
-        normalize_outbound_headers=False))
-    c.close()
-    c.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    c.sock.settimeout(LONG)
-    c.sock.connect(s.path)
-    c.conn.initiate_connection()
-    c.flush()
+    c = raw_h2(env, s.path)
     r = c.response(c.send(MALFORMED[case], [prefixed(b"q")]))
     assert r.reset == 1  # PROTOCOL_ERROR
     assert r.headers == []
@@ -844,6 +870,79 @@ def test_h2_malformed_headers_reset_stream(env: Env, case: str) -> None:
     assert s.recorder.paths() == [ECHO]
     assert wait_for(lambda: s.stats()["pending"] == 0)
     assert s.stats()["calls"] == 1
+    assert s.stats()["rejected"] == 1
+
+
+# What real clients send, all served (nghttp2's HTTP messaging checks
+# refused the first ones: grpc-go 1.33 sends a socket path as :authority).
+SERVED: dict[str, list[tuple[str, str]]] = {
+    "authority-socket-path": replaced(":authority", "/run/ovl/overlay.sock"),
+    "authority-empty": replaced(":authority", ""),
+    "authority-absent": without(":authority"),
+    "authority-percent-encoded": replaced(":authority", "%2Frun%2Fovl%2Foverlay.sock"),
+    "authority-long": replaced(":authority", "/" + "d/" * 3000 + "s.sock"),
+    "authority-with-spaces-and-brackets": replaced(":authority", "[a b]:x"),
+    "host-instead-of-authority": [*without(":authority"), ("host", "/run/ovl/overlay.sock")],
+    "scheme-absent": without(":scheme"),
+    "scheme-unix": replaced(":scheme", "unix"),
+    "te-absent": without("te"),
+    "te-other": [*without("te"), ("te", "trailers, deflate")],
+    "connection-header": grpc_headers(extra=[("connection", "keep-alive")]),
+    "content-length-wrong": grpc_headers(extra=[("content-length", "1")]),
+    "user-agent-grpc-go": grpc_headers(extra=[("user-agent", "grpc-go/1.33.3")]),
+    "user-agent-containerd": grpc_headers(
+        extra=[("user-agent", "containerd/1.6.20 grpc-go/1.33.3")]),
+    "value-with-edge-spaces": grpc_headers(extra=[("x-sp", " padded ")]),
+    "grpc-timeout-hours": grpc_headers(extra=[("grpc-timeout", "1H")]),
+    "grpc-timeout-minutes": grpc_headers(extra=[("grpc-timeout", "2M")]),
+    "grpc-timeout-seconds": grpc_headers(extra=[("grpc-timeout", "30S")]),
+    "grpc-timeout-millis": grpc_headers(extra=[("grpc-timeout", "99999m")]),
+    "grpc-timeout-micros": grpc_headers(extra=[("grpc-timeout", "99999999u")]),
+    "grpc-timeout-nanos": grpc_headers(extra=[("grpc-timeout", "99999999n")]),
+    "binary-metadata": grpc_headers(extra=[("x-trace-bin", "AAEC/w"), ("x-id-bin", "AAEC/w==")]),
+    "priority-field": grpc_headers(extra=[("priority", "u=7, i")]),
+}
+
+
+@pytest.mark.parametrize("case", list(SERVED))
+def test_h2_what_real_clients_send_is_served(env: Env, case: str) -> None:
+    s = env.server()
+    c = raw_h2(env, s.path)
+    headers = SERVED[case]
+    r = c.response(c.send(headers, [prefixed(b"served")]))
+    assert r.reset is None
+    assert r.headers == [(b":status", b"200"), (b"content-type", b"application/grpc")]
+    assert r.data == prefixed(b"served")
+    assert r.trailers == [(b"grpc-status", b"0")]
+    [call] = s.recorder.calls
+    assert call.path == ECHO
+    # every regular field reaches the worker as sent, in order
+    assert call.metadata == tuple((n, v) for n, v in headers if not n.startswith(":"))
+    assert s.stats()["rejected"] == 0
+
+
+@pytest.mark.parametrize("authority", [
+    "/run/overlay-snapshotter/overlay.sock", "", "%2Frun%2Fs.sock", "x" * 4000, "localhost"])
+def test_grpcio_any_default_authority(env: Env, authority: str) -> None:
+    """grpcio told to send the authority grpc-go 1.33 sends (the socket path),
+    an empty one, a percent-encoded one, a long one."""
+    s = env.server()
+    ch = grpc.insecure_channel(s.target, options=[("grpc.default_authority", authority)])
+    env.channels.append(ch)
+    for i in range(3):
+        assert echo(ch, b"a%d" % i) == b"a%d" % i
+    assert s.recorder.paths() == [ECHO] * 3
+
+
+def test_grpcio_binary_metadata_and_timeout_reach_the_worker(env: Env) -> None:
+    s = env.server()
+    ch = env.channel(s.target)
+    blob = bytes(range(256))
+    assert echo(ch, b"b", metadata=(("x-blob-bin", blob),)) == b"b"
+    [call] = s.recorder.calls
+    md = dict(call.metadata)
+    assert base64.b64decode(md["x-blob-bin"] + "==") == blob
+    assert md["grpc-timeout"][-1] in "HMSmun" and md["grpc-timeout"][:-1].isdigit()
 
 
 @pytest.mark.parametrize("then", ["second-response", "ping-ack"])
