@@ -14,7 +14,7 @@
 #include <stdint.h>
 
 /* Bumped whenever a prototype below changes meaning. */
-#define OVL_ABI_VERSION 5
+#define OVL_ABI_VERSION 6
 
 /* ovl_tree flags */
 #define OVL_TREE_KEEP_ROOT 1   /* remove only the contents of the directory */

@@ -23,15 +23,15 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <malloc.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
 #define READ_CHUNK (64 * 1024)
 #define READ_BUDGET (1024 * 1024) /* per connection per wakeup: stay fair */
-#define MAX_METADATA (1024 * 1024)
-#define MAX_STREAMS 1024
 #define STREAM_WINDOW (1 << 20)
 #define CONN_WINDOW (16 << 20)
 #define STANDBY_MS 2 /* longest a slow handler leaves the loop unwatched */
@@ -40,12 +40,22 @@
 #define PING_ACK_MS 50 /* PING acknowledgements wait this long: see on_ping */
 #define MAX_PINGS 8
 #define PREFIX 5 /* gRPC message prefix: compressed flag + 32-bit length */
+#define MAPPED_MIN (64 * 1024) /* messages this large get pages of their own: see body_alloc */
+#define OUT_KEEP (64 * 1024)   /* an idle conn keeps an output buffer this large at most */
+#define SWEEP_MAX_MS 1000      /* timeouts are checked this often at least */
+#define TRIM_BYTES (16 << 20)  /* request bytes freed before the heap is trimmed */
+/* Header blocks up to this many times max_header_bytes are decoded (and the
+ * call refused); a longer one ends the connection (nghttp2's CONTINUATION
+ * limit, against CVE-2024-28182's flood). */
+#define BLOCK_FACTOR 16
+#define FRAME_SIZE 16384 /* the default SETTINGS_MAX_FRAME_SIZE clients send with */
 
 enum call_state { RECEIVING, QUEUED, RESPONDING };
 
 struct buf {
     unsigned char *p;
     size_t len, cap;
+    int mapped; /* p is an anonymous mapping of cap bytes */
 };
 
 struct conn;
@@ -61,6 +71,10 @@ struct call {
     int post, grpc_content, identity;
     unsigned pseudo; /* PSEUDO_* seen */
     int regular;     /* a regular field seen: no pseudo-header may follow */
+    int64_t started; /* CLOCK_MONOTONIC ms: its HEADERS began (early: its answer went) */
+    int early;       /* answered before the client ended the stream (answer_early) */
+    size_t charged;  /* bytes held against the limits (headers and message) */
+    size_t hdr;      /* of which header bytes */
     int bad_status;
     char bad_message[160];
     char *path;
@@ -86,12 +100,19 @@ struct conn {
     size_t out_off;
     struct call *calls;
     int refs;
+    size_t buffered, hdr; /* its calls' charged and hdr (atomic) */
+    int served;           /* a stream was opened */
+    int64_t born, idle_since; /* CLOCK_MONOTONIC ms: accepted; calls last became none */
     struct conn *prev, *next; /* server->conns: the poller's */
 };
 
 struct ovl_grpc_server {
     int listen_fd, epfd, evfd;
-    size_t max_message;
+    struct ovl_grpc_limits lim;
+    size_t buffered;    /* every call's charged (atomic) */
+    size_t freed;       /* bytes uncharged since the last trim (atomic) */
+    int sweep_ms;       /* how often sweep() runs */
+    int64_t next_sweep; /* the poller's */
     unsigned char *rbuf; /* the poller's */
     int polling;         /* a thread holds the poller role */
     int closed;          /* stopped, every conn closed: nobody polls again */
@@ -105,7 +126,7 @@ struct ovl_grpc_server {
     int nping;   /* conns holding PING acknowledgements (the poller's) */
     nghttp2_option *options;
     struct conn *conns;
-    uint64_t accepted, nconns, calls, pending, rejected;
+    uint64_t accepted, nconns, calls, pending, rejected, shed;
     nghttp2_session_callbacks *cbs;
 };
 
@@ -130,9 +151,40 @@ static int buf_add(struct buf *b, const void *data, size_t n)
 
 static void buf_free(struct buf *b)
 {
-    free(b->p);
+    if (b->mapped)
+        munmap(b->p, b->cap);
+    else
+        free(b->p);
     b->p = NULL;
     b->len = b->cap = 0;
+    b->mapped = 0;
+}
+
+/* Room for a whole message of cap bytes, keeping what b holds.  A large one
+ * gets an anonymous mapping, so its pages go back to the kernel when it is
+ * freed: from the heap, freed messages would leave it fragmented and the
+ * memory an attack made us hold would stay with the process. */
+static int body_alloc(struct buf *b, size_t cap)
+{
+    if (cap < MAPPED_MIN) {
+        unsigned char *p = realloc(b->p, cap);
+        if (!p)
+            return -1;
+        b->p = p;
+        b->cap = cap;
+        return 0;
+    }
+    unsigned char *p = mmap(NULL, cap, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+        return -1;
+    memcpy(p, b->p, b->len);
+    size_t len = b->len;
+    buf_free(b);
+    b->p = p;
+    b->len = len;
+    b->cap = cap;
+    b->mapped = 1;
+    return 0;
 }
 
 /* ------------------------------------------------------------ small helpers */
@@ -144,6 +196,11 @@ static int64_t now_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+
+static size_t ld(const size_t *v)
+{
+    return __atomic_load_n(v, __ATOMIC_RELAXED);
+}
 
 static void wake(struct ovl_grpc_server *s)
 {
@@ -176,6 +233,23 @@ static void call_unlink(struct call *call)
         call->next->prev = call->prev;
     call->prev = call->next = NULL;
     call->linked = 0;
+    if (!c->calls)
+        c->idle_since = now_ms();
+}
+
+/* Give back what a call holds against the limits (any thread). */
+static void uncharge(struct call *call)
+{
+    struct conn *c = call->conn;
+    struct ovl_grpc_server *s = c->srv;
+    if (call->charged) {
+        __atomic_sub_fetch(&c->buffered, call->charged, __ATOMIC_RELAXED);
+        __atomic_sub_fetch(&s->buffered, call->charged, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&s->freed, call->charged, __ATOMIC_RELAXED);
+    }
+    if (call->hdr)
+        __atomic_sub_fetch(&c->hdr, call->hdr, __ATOMIC_RELAXED);
+    call->charged = call->hdr = 0;
 }
 
 /* The call must be unlinked.  May drop the last reference to its conn, so
@@ -189,6 +263,7 @@ static void call_free(struct call *call)
             pthread_cond_broadcast(&s->idle);
         pthread_mutex_unlock(&s->mu);
     }
+    uncharge(call);
     conn_unref(call->conn);
     free(call->path);
     buf_free(&call->meta);
@@ -227,8 +302,11 @@ static void conn_flush(struct conn *c)
                     break;
                 }
             }
-            if (c->broken || c->out.len == 0)
+            if (c->broken || c->out.len == 0) {
+                if (c->out.cap > OUT_KEEP)
+                    buf_free(&c->out); /* a big response's buffer: not for an idle conn */
                 break; /* done, or flow control holds the rest until a WINDOW_UPDATE */
+            }
         }
         ssize_t n = send(c->fd, c->out.p + c->out_off, c->out.len - c->out_off,
                          MSG_NOSIGNAL | MSG_DONTWAIT);
@@ -364,6 +442,107 @@ static void call_fail(struct call *call, int status, const char *fmt, ...)
     va_end(ap);
     call->bad_status = status;
     buf_free(&call->body);
+    buf_free(&call->meta);
+    uncharge(call);
+}
+
+static int refused(struct ovl_grpc_server *s, int rv);
+
+/* Answer a request still being received with its failure now (c->mu held);
+ * what the client still sends of it is discarded.  No RST_STREAM NO_ERROR
+ * after the answer (RFC 9113 §8.1 allows one): grpcio then reports INTERNAL
+ * "Stream removed" instead of the status it was sent.  A client that has not
+ * ended the stream request_timeout_ms later gets RST_STREAM CANCEL (sweep). */
+static void answer_early(struct conn *c, struct call *call)
+{
+    call->state = RESPONDING;
+    call->early = 1;
+    call->started = now_ms(); /* from now on: when it was answered */
+    if (submit_status(c, call, call->bad_status, call->bad_message) != 0)
+        nghttp2_submit_rst_stream(c->session, NGHTTP2_FLAG_NONE, call->stream_id,
+                                  NGHTTP2_INTERNAL_ERROR);
+    refused(c->srv, 0);
+}
+
+/* Make room for n more bytes of call (the poller, call's conn mutex held):
+ * refuse the largest unfinished request of the connection holding the most,
+ * if it holds more than call would.  0 if something was freed. */
+static int evict(struct call *call, size_t n)
+{
+    struct ovl_grpc_server *s = call->conn->srv;
+    struct conn *fat = NULL;
+    size_t most = 0;
+    for (struct conn *c = s->conns; c; c = c->next) {
+        size_t b = ld(&c->buffered);
+        if (b > most) {
+            most = b;
+            fat = c;
+        }
+    }
+    if (!fat)
+        return -1;
+    /* the poller is the only thread that holds two conn mutexes: no deadlock */
+    if (fat != call->conn)
+        pthread_mutex_lock(&fat->mu);
+    struct call *victim = NULL;
+    for (struct call *v = fat->calls; v; v = v->next)
+        if (v != call && v->state == RECEIVING && v->charged > call->charged + n &&
+            (!victim || v->charged > victim->charged))
+            victim = v;
+    if (victim) {
+        call_fail(victim, OVL_GRPC_RESOURCE_EXHAUSTED,
+                  "refused to make room for other requests: the server holds %zu bytes "
+                  "of unfinished requests at most", s->lim.max_buffer);
+        answer_early(fat, victim);
+        if (fat != call->conn)
+            conn_flush(fat);
+    }
+    if (fat != call->conn)
+        pthread_mutex_unlock(&fat->mu);
+    return victim ? 0 : -1;
+}
+
+/* Hold n more bytes of call's request (the poller, c->mu held) within the
+ * limits; over one, the call fails with RESOURCE_EXHAUSTED and -1. */
+static int charge(struct call *call, size_t n, int header)
+{
+    struct conn *c = call->conn;
+    struct ovl_grpc_server *s = c->srv;
+    const struct ovl_grpc_limits *l = &s->lim;
+    if (header && call->hdr + n > l->max_header_bytes) {
+        call_fail(call, OVL_GRPC_RESOURCE_EXHAUSTED, "request metadata larger than %zu bytes",
+                  l->max_header_bytes);
+        return -1;
+    }
+    if (header && ld(&c->hdr) + n > l->max_conn_header_bytes) {
+        call_fail(call, OVL_GRPC_RESOURCE_EXHAUSTED,
+                  "the connection's requests hold more than %zu bytes of metadata",
+                  l->max_conn_header_bytes);
+        return -1;
+    }
+    if (ld(&c->buffered) + n > l->max_conn_buffer) {
+        call_fail(call, OVL_GRPC_RESOURCE_EXHAUSTED,
+                  "the connection's unfinished requests hold more than %zu bytes",
+                  l->max_conn_buffer);
+        return -1;
+    }
+    /* only the poller adds: what other threads do meanwhile only frees */
+    while (ld(&s->buffered) + n > l->max_buffer) {
+        if (evict(call, n) != 0) {
+            call_fail(call, OVL_GRPC_RESOURCE_EXHAUSTED,
+                      "the server holds %zu bytes of unfinished requests at most: retry later",
+                      l->max_buffer);
+            return -1;
+        }
+    }
+    call->charged += n;
+    __atomic_add_fetch(&c->buffered, n, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&s->buffered, n, __ATOMIC_RELAXED);
+    if (header) {
+        call->hdr += n;
+        __atomic_add_fetch(&c->hdr, n, __ATOMIC_RELAXED);
+    }
+    return 0;
 }
 
 static uint32_t be32(const unsigned char *p)
@@ -384,6 +563,8 @@ static int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame
     call->stream_id = frame->hd.stream_id;
     call->state = RECEIVING;
     call->identity = 1;
+    call->started = now_ms();
+    c->served = 1;
     call->next = c->calls;
     if (c->calls)
         c->calls->prev = call;
@@ -440,8 +621,6 @@ static unsigned pseudo_bit(const uint8_t *name, size_t namelen)
     return 0;
 }
 
-static int refused(struct ovl_grpc_server *s, int rv);
-
 /* Reset a malformed request's stream (from a header or frame callback). */
 static int malformed(nghttp2_session *session, struct call *call)
 {
@@ -468,6 +647,8 @@ static int on_header(nghttp2_session *session, const nghttp2_frame *frame, const
             return malformed(session, call);
         call->pseudo |= bit;
         if (bit == PSEUDO_PATH) {
+            if (charge(call, namelen + valuelen + 2, 1) != 0)
+                return 0;
             call->path = strndup((const char *)value, valuelen);
             if (!call->path)
                 return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
@@ -485,11 +666,8 @@ static int on_header(nghttp2_session *session, const nghttp2_frame *frame, const
     } else if (eq(name, namelen, "grpc-encoding")) {
         call->identity = eq(value, valuelen, "identity");
     }
-    if (call->meta.len + namelen + valuelen + 2 > MAX_METADATA) {
-        call_fail(call, OVL_GRPC_RESOURCE_EXHAUSTED,
-                  "request metadata larger than %d bytes", MAX_METADATA);
-        return 0;
-    }
+    if (call->bad_status || charge(call, namelen + valuelen + 2, 1) != 0)
+        return 0; /* refused: nothing more of it is kept */
     static const char nul = 0;
     if (buf_add(&call->meta, name, namelen) < 0 || buf_add(&call->meta, &nul, 1) < 0 ||
         buf_add(&call->meta, value, valuelen) < 0 || buf_add(&call->meta, &nul, 1) < 0)
@@ -515,17 +693,16 @@ static int on_data(nghttp2_session *session, uint8_t flags, int32_t stream_id,
             if (b->len < PREFIX)
                 continue;
             size_t declared = be32(b->p + 1);
-            if (declared > s->max_message) {
+            if (declared > s->lim.max_message) {
                 call_fail(call, OVL_GRPC_RESOURCE_EXHAUSTED,
                           "grpc: received message larger than max (%zu vs. %zu)", declared,
-                          s->max_message);
+                          s->lim.max_message);
                 return 0;
             }
-            unsigned char *p = realloc(b->p, PREFIX + declared);
-            if (!p)
+            if (charge(call, PREFIX + declared, 0) != 0)
+                return 0;
+            if (body_alloc(b, PREFIX + declared) < 0)
                 return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
-            b->p = p;
-            b->cap = PREFIX + declared;
             continue;
         }
         if (len > PREFIX + (size_t)be32(b->p + 1) - b->len) {
@@ -641,8 +818,11 @@ static int on_frame(nghttp2_session *session, const nghttp2_frame *frame, void *
         malformed(session, call);
         return 0;
     }
-    if (!(frame->hd.flags & NGHTTP2_FLAG_END_STREAM))
+    if (!(frame->hd.flags & NGHTTP2_FLAG_END_STREAM)) {
+        if (call->bad_status == OVL_GRPC_RESOURCE_EXHAUSTED)
+            answer_early(user, call); /* over a limit: no need to take the rest */
         return 0;
+    }
     if (finish_request(user, call) != 0)
         nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, call->stream_id,
                                   NGHTTP2_INTERNAL_ERROR);
@@ -676,17 +856,25 @@ static void conn_new(struct ovl_grpc_server *s, int fd)
     c->srv = s;
     c->fd = fd;
     c->refs = 1;
+    c->born = c->idle_since = now_ms();
     pthread_mutex_init(&c->mu, NULL);
+    /* Beyond max_streams nghttp2 refuses streams (REFUSED_STREAM, which
+     * clients retry) even before the client acknowledges the SETTINGS.
+     * MAX_HEADER_LIST_SIZE is advisory: clients that honour it (grpc-go)
+     * fail an oversized call themselves; charge() enforces it. */
     nghttp2_settings_entry settings[] = {
-        {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, MAX_STREAMS},
+        {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, s->lim.max_streams},
         {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW},
+        {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE,
+         s->lim.max_header_bytes > UINT32_MAX ? UINT32_MAX : (uint32_t)s->lim.max_header_bytes},
     };
     struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
     if (nghttp2_session_server_new2(&c->session, s->cbs, c, s->options) != 0) {
         c->session = NULL;
         goto fail;
     }
-    if (nghttp2_submit_settings(c->session, NGHTTP2_FLAG_NONE, settings, 2) != 0 ||
+    if (nghttp2_submit_settings(c->session, NGHTTP2_FLAG_NONE, settings,
+                                sizeof settings / sizeof settings[0]) != 0 ||
         nghttp2_session_set_local_window_size(c->session, NGHTTP2_FLAG_NONE, 0, CONN_WINDOW) != 0 ||
         epoll_ctl(s->epfd, EPOLL_CTL_ADD, fd, &ev) != 0)
         goto fail;
@@ -850,11 +1038,60 @@ static void drain_conns(struct ovl_grpc_server *s)
     }
 }
 
+static void shed(struct ovl_grpc_server *s)
+{
+    pthread_mutex_lock(&s->mu);
+    s->shed++;
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* At max_connections (the poller): the connection a newcomer replaces, the
+ * oldest of those that never opened a stream (a client that connects and
+ * sends nothing, or only part of a preface), else the one idle longest;
+ * NULL when every one has a stream open. */
+static struct conn *idle_victim(struct ovl_grpc_server *s)
+{
+    struct conn *best = NULL;
+    int best_served = 0;
+    int64_t best_since = 0;
+    for (struct conn *c = s->conns; c; c = c->next) {
+        pthread_mutex_lock(&c->mu);
+        int idle = !c->calls && !c->lingering;
+        int served = c->served;
+        int64_t since = served ? c->idle_since : c->born;
+        pthread_mutex_unlock(&c->mu);
+        if (idle && (!best || served < best_served ||
+                     (served == best_served && since < best_since))) {
+            best = c;
+            best_served = served;
+            best_since = since;
+        }
+    }
+    return best;
+}
+
+static void conn_close(struct conn *c);
+
 static void accept_all(struct ovl_grpc_server *s)
 {
     for (;;) {
         int fd = accept4(s->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd >= 0) {
+            if (s->nconns >= s->lim.max_connections) {
+                struct conn *victim = idle_victim(s);
+                shed(s);
+                if (!victim) {
+                    close(fd); /* all busy: the newcomer retries later */
+                    continue;
+                }
+                pthread_mutex_lock(&victim->mu);
+                nghttp2_submit_goaway(victim->session, NGHTTP2_FLAG_NONE,
+                                      nghttp2_session_get_last_proc_stream_id(victim->session),
+                                      NGHTTP2_NO_ERROR, NULL, 0);
+                conn_flush(victim);
+                pthread_mutex_unlock(&victim->mu);
+                conn_close(victim);
+            }
             conn_new(s, fd);
             continue;
         }
@@ -869,12 +1106,69 @@ static void accept_all(struct ovl_grpc_server *s)
     }
 }
 
+/* The timeouts (the poller, every sweep_ms): answer requests not received in
+ * full within request_timeout_ms, end connections idle for idle_timeout_ms
+ * (GOAWAY, then the peer's EOF), and give freed memory back. */
+static void sweep(struct ovl_grpc_server *s, int64_t now)
+{
+    const struct ovl_grpc_limits *l = &s->lim;
+    struct conn *c = s->conns;
+    while (c) {
+        struct conn *next = c->next;
+        int idled = 0;
+        pthread_mutex_lock(&c->mu);
+        if (!c->lingering && !c->broken) {
+            for (struct call *call = c->calls; call; call = call->next) {
+                if (now - call->started < l->request_timeout_ms)
+                    continue;
+                if (call->state == RECEIVING) {
+                    call_fail(call, OVL_GRPC_RESOURCE_EXHAUSTED,
+                              "request not received in full within %d ms", l->request_timeout_ms);
+                    answer_early(c, call);
+                } else if (call->early == 1) { /* answered, and the client still sends */
+                    call->early = 2;
+                    nghttp2_submit_rst_stream(c->session, NGHTTP2_FLAG_NONE, call->stream_id,
+                                              NGHTTP2_CANCEL);
+                }
+            }
+            if (!c->calls && !c->goaway && now - c->idle_since >= l->idle_timeout_ms) {
+                c->goaway = idled = 1;
+                nghttp2_submit_goaway(c->session, NGHTTP2_FLAG_NONE,
+                                      nghttp2_session_get_last_proc_stream_id(c->session),
+                                      NGHTTP2_NO_ERROR, NULL, 0);
+            }
+            conn_flush(c);
+        }
+        int cut = c->broken, graceful = !cut && !c->lingering && c->goaway && conn_idle(c);
+        pthread_mutex_unlock(&c->mu);
+        if (idled)
+            shed(s);
+        if (cut)
+            conn_close(c);
+        else if (graceful)
+            conn_linger(c);
+        c = next;
+    }
+    /* Freed request bytes came from the heap (headers, small messages) and
+     * from nghttp2: give back what fragmentation would keep. */
+    if (ld(&s->freed) >= TRIM_BYTES) {
+        __atomic_store_n(&s->freed, 0, __ATOMIC_RELAXED);
+        malloc_trim(0);
+    }
+}
+
 /* One round of the event loop (the caller holds the poller role): wait up
  * to timeout_ms for events, accept, read, close what is finished.  Requests
  * that complete are queued; the caller takes one itself. */
 static void poll_round(struct ovl_grpc_server *s, int timeout_ms)
 {
     struct epoll_event evs[64];
+    if (s->conns) { /* timeouts to watch */
+        int64_t left = s->next_sweep - now_ms();
+        int wait = left < 0 ? 0 : (int)left;
+        if (timeout_ms < 0 || timeout_ms > wait)
+            timeout_ms = wait;
+    }
     if (s->accept_paused && (timeout_ms < 0 || timeout_ms > 100))
         timeout_ms = 100;
     if (s->nlinger && (timeout_ms < 0 || timeout_ms > 50))
@@ -927,6 +1221,11 @@ static void poll_round(struct ovl_grpc_server *s, int timeout_ms)
             c = next;
         }
     }
+    int64_t now = now_ms();
+    if (now >= s->next_sweep) {
+        sweep(s, now);
+        s->next_sweep = now + s->sweep_ms;
+    }
     int draining = __atomic_load_n(&s->draining, __ATOMIC_ACQUIRE);
     if (draining) {
         if (s->listen_fd >= 0) {
@@ -952,15 +1251,25 @@ static void poll_round(struct ovl_grpc_server *s, int timeout_ms)
 
 /* ---------------------------------------------------------------- the API */
 
-int ovl_grpc_start(int listen_fd, size_t max_message, struct ovl_grpc_server **out)
+int ovl_grpc_start(int listen_fd, const struct ovl_grpc_limits *limits,
+                   struct ovl_grpc_server **out)
 {
+    int err = EINVAL;
+    const struct ovl_grpc_limits *l = limits;
+    if (!l->max_message || !l->max_connections || !l->max_streams || !l->max_header_bytes ||
+        !l->max_conn_header_bytes || !l->max_conn_buffer || !l->max_buffer ||
+        l->request_timeout_ms <= 0 || l->idle_timeout_ms <= 0)
+        goto fail_fd;
     struct ovl_grpc_server *s = calloc(1, sizeof *s);
-    int err = ENOMEM;
+    err = ENOMEM;
     if (!s)
         goto fail_fd;
     s->listen_fd = listen_fd;
     s->epfd = s->evfd = -1;
-    s->max_message = max_message;
+    s->lim = *l;
+    int shortest = l->request_timeout_ms < l->idle_timeout_ms ? l->request_timeout_ms
+                                                              : l->idle_timeout_ms;
+    s->sweep_ms = shortest / 4 < 10 ? 10 : shortest / 4 > SWEEP_MAX_MS ? SWEEP_MAX_MS : shortest / 4;
     s->epfd = epoll_create1(EPOLL_CLOEXEC);
     s->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (s->epfd < 0 || s->evfd < 0) {
@@ -983,6 +1292,8 @@ int ovl_grpc_start(int listen_fd, size_t max_message, struct ovl_grpc_server **o
     }
     nghttp2_option_set_no_auto_ping_ack(s->options, 1); /* on_ping */
     nghttp2_option_set_no_http_messaging(s->options, 1); /* our own checks: see bad_bytes */
+    size_t block = BLOCK_FACTOR * l->max_header_bytes / FRAME_SIZE + 1;
+    nghttp2_option_set_max_continuations(s->options, block < 8 ? 8 : block > 4096 ? 4096 : block);
     nghttp2_session_callbacks_set_on_begin_headers_callback(s->cbs, on_begin_headers);
     nghttp2_session_callbacks_set_on_header_callback(s->cbs, on_header);
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(s->cbs, on_data);
@@ -1237,7 +1548,9 @@ void ovl_grpc_stats(struct ovl_grpc_server *s, struct ovl_grpc_stats *st)
     st->calls = s->calls;
     st->pending = s->pending;
     st->rejected = s->rejected;
+    st->shed = s->shed;
     pthread_mutex_unlock(&s->mu);
+    st->buffered = ld(&s->buffered);
 }
 
 void ovl_grpc_free(struct ovl_grpc_server *s)

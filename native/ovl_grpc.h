@@ -38,19 +38,42 @@ struct ovl_grpc_call {
     size_t message_len;
 };
 
+/* What one server lets its clients hold (ovl_grpc_start).  Over a request
+ * limit, that call is answered RESOURCE_EXHAUSTED (at once, with RST_STREAM
+ * NO_ERROR if the client is still sending) and its bytes are freed; other
+ * calls and clients go on.  When the bytes of all unfinished requests would
+ * pass max_buffer, the largest unfinished request of the connection holding
+ * the most is refused first, if it is larger than the newcomer.  At
+ * max_connections a new connection closes the oldest idle one (one that
+ * never opened a stream first) or, with none idle, is closed itself. */
+struct ovl_grpc_limits {
+    size_t max_message;           /* one request message, in bytes */
+    uint32_t max_connections;     /* open at once */
+    uint32_t max_streams;         /* concurrent streams per connection (SETTINGS) */
+    size_t max_header_bytes;      /* decoded header bytes of one request */
+    size_t max_conn_header_bytes; /* ... of one connection's requests held */
+    size_t max_conn_buffer;       /* request bytes (headers and messages) one connection holds */
+    size_t max_buffer;            /* request bytes all connections hold */
+    int request_timeout_ms;       /* a request must arrive in full within this */
+    int idle_timeout_ms;          /* a connection without streams is closed (GOAWAY) after this */
+};
+
 struct ovl_grpc_stats {
     uint64_t accepted;     /* connections accepted since start */
     uint64_t connections;  /* connections open now */
     uint64_t calls;        /* requests handed to workers since start */
     uint64_t pending;      /* requests queued or being answered now */
     uint64_t rejected;     /* requests the transport answered itself (not gRPC,
-                              compressed, malformed, too large) */
+                              compressed, malformed, over a limit) */
+    uint64_t shed;         /* connections closed for a limit: idle, evicted or
+                              refused at max_connections */
+    uint64_t buffered;     /* request bytes held now */
 };
 
 /* Serve on listen_fd (a listening stream socket; the server owns it from now
- * on, also on failure).  max_message bounds a request message in bytes
- * (larger ones get RESOURCE_EXHAUSTED without reaching a worker). */
-int ovl_grpc_start(int listen_fd, size_t max_message, struct ovl_grpc_server **out);
+ * on, also on failure) within limits (copied; EINVAL if a limit is 0). */
+int ovl_grpc_start(int listen_fd, const struct ovl_grpc_limits *limits,
+                   struct ovl_grpc_server **out);
 
 /* The next request, waiting for one as long as it takes; -1 with errno
  * ESHUTDOWN once the server stopped and nothing is left to answer. */

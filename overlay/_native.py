@@ -25,6 +25,7 @@ __all__ = [
     "ABI_VERSION",
     "MAX_MOUNT_DATA",
     "GrpcCall",
+    "GrpcLimits",
     "GrpcTransport",
     "MountApi",
     "MountAttr",
@@ -47,7 +48,7 @@ __all__ = [
 ]
 
 #: The ABI this wrapper was written against (native/ovl.h OVL_ABI_VERSION).
-ABI_VERSION = 5
+ABI_VERSION = 6
 #: mount(2) copies one page of data: a longer option string is refused
 #: (the kernel could otherwise mount a silently truncated layer stack).
 MAX_MOUNT_DATA = 4095
@@ -391,6 +392,53 @@ class GrpcCall:
     handle: Any = field(repr=False, compare=False)
 
 
+@dataclass(frozen=True, slots=True)
+class GrpcLimits:
+    """What a :class:`GrpcTransport` lets its clients hold (``struct
+    ovl_grpc_limits``; the daemon's config keys of the same names).
+
+    Over a request limit, that call is answered RESOURCE_EXHAUSTED without
+    reaching a worker (at once, with RST_STREAM NO_ERROR, when the client is
+    still sending) and its bytes are freed; other calls and clients go on.
+    When all unfinished requests together would pass ``max_buffer_bytes``,
+    the largest unfinished request of the connection holding the most is
+    refused first, if it is larger than the newcomer.  At
+    ``max_connections`` a new connection replaces the oldest that never
+    opened a stream, else the one idle longest (GOAWAY), or is closed when
+    every one is busy.
+    """
+
+    #: one request message (containerd's default gRPC limit)
+    max_message: int = 16 << 20
+    max_connections: int = 512
+    #: concurrent streams per connection (SETTINGS_MAX_CONCURRENT_STREAMS)
+    max_streams: int = 128
+    #: decoded header bytes (name + value + 2 each) of one request
+    max_header_bytes: int = 64 << 10
+    #: ... of the requests one connection holds
+    max_connection_header_bytes: int = 1 << 20
+    #: request bytes (headers and messages) one connection holds unfinished or queued
+    max_connection_buffer_bytes: int = 32 << 20
+    #: request bytes all connections hold
+    max_buffer_bytes: int = 128 << 20
+    #: seconds a request may take to arrive in full
+    request_timeout: float = 30.0
+    #: seconds a connection without streams stays open (then GOAWAY; clients reconnect)
+    idle_timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_message", "max_connections", "max_streams", "max_header_bytes",
+                     "max_connection_header_bytes", "max_connection_buffer_bytes",
+                     "max_buffer_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.max_streams >= 1 << 31 or self.max_connections >= 1 << 31:
+            raise ValueError("max_streams and max_connections must be below 2**31")
+        for name in ("request_timeout", "idle_timeout"):
+            if not 0.001 <= getattr(self, name) <= 86400 * 365:
+                raise ValueError(f"{name} must be between 0.001 and {86400 * 365} seconds")
+
+
 def _metadata(raw: bytes) -> tuple[tuple[str, str], ...]:
     if not raw:
         return ()
@@ -406,12 +454,21 @@ class GrpcTransport:
     GIL) and :meth:`reply` sends the answer from that thread.
     """
 
-    def __init__(self, listener: socket.socket, max_message: int) -> None:
+    def __init__(self, listener: socket.socket, limits: GrpcLimits) -> None:
         """Serve ``listener`` (a listening stream socket, taken over: closed with
-        the transport).  Requests over ``max_message`` bytes are refused with
-        RESOURCE_EXHAUSTED before reaching :meth:`next`."""
+        the transport) within ``limits``."""
+        c = ffi.new("struct ovl_grpc_limits *")
+        c.max_message = limits.max_message
+        c.max_connections = limits.max_connections
+        c.max_streams = limits.max_streams
+        c.max_header_bytes = limits.max_header_bytes
+        c.max_conn_header_bytes = limits.max_connection_header_bytes
+        c.max_conn_buffer = limits.max_connection_buffer_bytes
+        c.max_buffer = limits.max_buffer_bytes
+        c.request_timeout_ms = max(1, round(limits.request_timeout * 1000))
+        c.idle_timeout_ms = max(1, round(limits.idle_timeout * 1000))
         out = ffi.new("struct ovl_grpc_server **")
-        if lib.ovl_grpc_start(listener.detach(), max_message, out) != 0:
+        if lib.ovl_grpc_start(listener.detach(), c, out) != 0:
             _raise(None)
         self._server: Any = out[0]
         self._lock = threading.Lock()
@@ -450,14 +507,16 @@ class GrpcTransport:
 
     def stats(self) -> dict[str, int]:
         """accepted, connections (open now), calls (handed out), pending,
-        rejected (answered by the transport itself).  ValueError once closed."""
+        rejected (answered by the transport itself), shed (connections closed
+        for a limit), buffered (request bytes held now).  ValueError once closed."""
         st = ffi.new("struct ovl_grpc_stats *")
         with self._lock:
             if self._closed:
                 raise ValueError("the gRPC transport is closed")
             lib.ovl_grpc_stats(self._server, st)
         return {k: int(getattr(st, k))
-                for k in ("accepted", "connections", "calls", "pending", "rejected")}
+                for k in ("accepted", "connections", "calls", "pending", "rejected", "shed",
+                          "buffered")}
 
     def close(self) -> None:
         """Release the transport: after :meth:`shutdown`, once no thread is in

@@ -14,13 +14,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from overlay._native import GrpcLimits
 from overlay.errors import InvalidArgumentError
 
-__all__ = ["DEFAULT_CONFIG_PATH", "Config", "load_config"]
+__all__ = ["DEFAULT_CONFIG_PATH", "LIMIT_KEYS", "Config", "load_config"]
 
 DEFAULT_CONFIG_PATH = "/etc/overlay-snapshotter/config.toml"
 
 _LEVELS = ("debug", "info", "warning", "error", "critical")
+
+_DEFAULT_LIMITS = GrpcLimits()
+#: the keys that bound what clients may hold: GrpcLimits' fields but max_message
+LIMIT_KEYS = ("max_connections", "max_streams", "max_header_bytes",
+              "max_connection_header_bytes", "max_connection_buffer_bytes", "max_buffer_bytes",
+              "request_timeout", "idle_timeout")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +49,15 @@ class Config:
     cleanup_threads: int = 2
     #: gRPC worker threads
     workers: int = 16
+    # What clients may hold (overlay._native.GrpcLimits documents each):
+    max_connections: int = _DEFAULT_LIMITS.max_connections
+    max_streams: int = _DEFAULT_LIMITS.max_streams
+    max_header_bytes: int = _DEFAULT_LIMITS.max_header_bytes
+    max_connection_header_bytes: int = _DEFAULT_LIMITS.max_connection_header_bytes
+    max_connection_buffer_bytes: int = _DEFAULT_LIMITS.max_connection_buffer_bytes
+    max_buffer_bytes: int = _DEFAULT_LIMITS.max_buffer_bytes
+    request_timeout: float = _DEFAULT_LIMITS.request_timeout
+    idle_timeout: float = _DEFAULT_LIMITS.idle_timeout
 
     def validate(self) -> Config:
         if not os.path.isabs(self.root):
@@ -64,7 +80,15 @@ class Config:
         for name in ("cleanup_threads", "workers"):
             if getattr(self, name) < 1:
                 raise InvalidArgumentError(f"config {name} must be at least 1")
+        try:
+            self.limits()
+        except ValueError as exc:
+            raise InvalidArgumentError(f"config {exc}") from None
         return replace(self, address=address)
+
+    def limits(self) -> GrpcLimits:
+        """The gRPC transport's limits (ValueError names a bad one)."""
+        return GrpcLimits(**{k: getattr(self, k) for k in LIMIT_KEYS})
 
     @property
     def log_level_number(self) -> int:
@@ -81,6 +105,14 @@ _TYPES: dict[str, type] = {
     "metrics_address": str,
     "cleanup_threads": int,
     "workers": int,
+    "max_connections": int,
+    "max_streams": int,
+    "max_header_bytes": int,
+    "max_connection_header_bytes": int,
+    "max_connection_buffer_bytes": int,
+    "max_buffer_bytes": int,
+    "request_timeout": float,
+    "idle_timeout": float,
 }
 
 
@@ -91,6 +123,11 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         raise InvalidArgumentError(f"{source}: unknown key {key!r} (known keys: {known})")
     if want is int and isinstance(value, bool):
         raise InvalidArgumentError(f"{source}: {key} must be an integer, not {value!r}")
+    if want is float:  # seconds: 30 and 30.0 alike
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidArgumentError(
+                f"{source}: {key} must be a number of seconds, not {value!r}")
+        return float(value)
     if not isinstance(value, want):
         raise InvalidArgumentError(
             f"{source}: {key} must be a {want.__name__}, not {type(value).__name__} {value!r}"

@@ -104,7 +104,7 @@ class Daemon:
                     )
                 self._server = make_server(self.backend, activated[0],
                                            max_workers=cfg.workers,
-                                           observe=observe)
+                                           observe=observe, limits=cfg.limits())
                 self._server.start()
                 log.info("serving on the socket passed by systemd (root %s)", cfg.root)
             else:
@@ -112,7 +112,7 @@ class Daemon:
                 try:
                     self._server = make_server(self.backend, cfg.address,
                                                max_workers=cfg.workers,
-                                               observe=observe)
+                                               observe=observe, limits=cfg.limits())
                 finally:
                     os.umask(old)
                 self._socket_path = cfg.address

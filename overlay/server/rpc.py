@@ -12,9 +12,10 @@ read while another takes the loop over (leader/followers: no thread hand-off
 per call).  grpcio stays our client.
 
 What the transport itself answers, never reaching a handler: a request that
-is not gRPC (HTTP 405/415), a compressed one (UNIMPLEMENTED), a message over
-the size limit (RESOURCE_EXHAUSTED), a missing, truncated or second request
-message (INTERNAL).  Handlers serve unary-request methods; a streaming
+is not gRPC (HTTP 405/415), a compressed one (UNIMPLEMENTED), one over a
+limit of :class:`~overlay._native.GrpcLimits` (RESOURCE_EXHAUSTED), a
+missing, truncated or second request message (INTERNAL), a malformed one
+(RST_STREAM).  Handlers serve unary-request methods; a streaming
 response is sent as its messages one after another.
 """
 
@@ -29,7 +30,7 @@ from collections.abc import Callable, Iterable
 import grpc
 from google.protobuf.message import Message
 
-from overlay._native import GrpcCall, GrpcTransport
+from overlay._native import GrpcCall, GrpcLimits, GrpcTransport
 
 __all__ = ["Dispatch", "Reply", "RpcServer", "frame"]
 
@@ -56,10 +57,10 @@ class RpcServer:
     """Serves ``dispatch`` on ``listener`` once started; :meth:`stop` drains."""
 
     def __init__(self, listener: socket.socket, dispatch: Dispatch, *,
-                 workers: int, max_message: int) -> None:
+                 workers: int, limits: GrpcLimits) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, not {workers}")
-        self._transport = GrpcTransport(listener, max_message)
+        self._transport = GrpcTransport(listener, limits)
         self._dispatch = dispatch
         self._threads = [
             threading.Thread(target=self._work, name=f"ovl-rpc-{i}", daemon=True)
@@ -78,7 +79,7 @@ class RpcServer:
             t.start()
 
     def stats(self) -> dict[str, int]:
-        """The transport's counters: accepted, connections, calls, pending, rejected."""
+        """The transport's counters (:meth:`GrpcTransport.stats`)."""
         return self._transport.stats()
 
     def _work(self) -> None:

@@ -39,14 +39,14 @@ import stat
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final, TypeVar
 
 import grpc
 from google.protobuf import empty_pb2
 from google.protobuf.message import DecodeError, Message
 
-from overlay._native import GrpcCall
+from overlay._native import GrpcCall, GrpcLimits
 from overlay._proto.services.snapshots.v1 import snapshots_pb2 as pb
 from overlay._proto.types import mount_pb2
 from overlay.errors import (
@@ -459,6 +459,7 @@ def make_server(
     *,
     max_workers: int = 16,
     observe: Observer | None = None,
+    limits: GrpcLimits | None = None,
 ) -> RpcServer:
     """A server of the snapshots service over ``backend``, listening but not
     started: ``start()`` it, ``stop(grace)`` it.
@@ -468,8 +469,11 @@ def make_server(
     (systemd socket activation).  For a path, missing directories are created
     (0711), a stale socket file is replaced, a socket something still listens
     on is AlreadyExistsError and a path too long for a unix socket
-    InvalidArgumentError.  ``observe`` sees every call (metrics).
+    InvalidArgumentError.  ``observe`` sees every call (metrics); ``limits``
+    bound what clients may hold (default: :class:`GrpcLimits`); the message
+    limit is always containerd's, :data:`MAX_MESSAGE_SIZE`.
     """
     listener = address if isinstance(address, socket.socket) else _listen(address)
-    return RpcServer(listener, SnapshotsService(backend, observe),
-                     workers=max_workers, max_message=MAX_MESSAGE_SIZE)
+    limits = replace(limits or GrpcLimits(), max_message=MAX_MESSAGE_SIZE)
+    return RpcServer(listener, SnapshotsService(backend, observe), workers=max_workers,
+                     limits=limits)

@@ -42,7 +42,7 @@ import hpack
 import pytest
 from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame
 
-from overlay._native import GrpcCall, GrpcTransport
+from overlay._native import GrpcCall, GrpcLimits, GrpcTransport
 from overlay.server.rpc import Reply, RpcServer
 
 C = grpc.StatusCode
@@ -415,19 +415,22 @@ class Env:
         assert len(path.encode()) < 108
         return path
 
-    def server(self, *, workers: int = 2, max_message: int = 4 << 20) -> Served:
+    def server(self, *, workers: int = 2, max_message: int = 4 << 20,
+               **limits: Any) -> Served:
         path = self.sock_path()
         rec = Recorder()
-        server = RpcServer(listen(path), rec, workers=workers, max_message=max_message)
+        server = RpcServer(listen(path), rec, workers=workers,
+                           limits=GrpcLimits(max_message=max_message, **limits))
         served = Served(server, path, rec)
         self.servers.append(served)
         server.start()
         return served
 
-    def bare(self, *, workers: int = 2, max_message: int = 4 << 20) -> Bare:
+    def bare(self, *, workers: int = 2, max_message: int = 4 << 20, **limits: Any) -> Bare:
         path = self.sock_path()
         rec = Recorder()
-        bare = Bare(GrpcTransport(listen(path), max_message), path, rec, None)
+        bare = Bare(GrpcTransport(listen(path), GrpcLimits(max_message=max_message, **limits)),
+                    path, rec, None)
         self.bares.append(bare)
         if workers:
             bare.workers = Workers(bare.transport, workers, rec)
@@ -664,22 +667,26 @@ def test_h2_metadata_exact(env: Env) -> None:
                              *extra)
 
 
-def test_h2_metadata_over_limit(env: Env) -> None:
-    s = env.server()
+@pytest.mark.parametrize(("limit", "copies"), [(64 << 10, 21), (1 << 20, 348)])
+def test_h2_metadata_over_limit(env: Env, limit: int, copies: int) -> None:
+    s = env.server(max_header_bytes=limit, max_connection_header_bytes=2 * limit)
     c = env.h2(s.path)
     # HPACK indexes the header once: a megabyte of metadata in a small block.
-    # Counted as name + value + 2 per header: content-type and te take 42.
+    # Counted as name + value + 2 per header: :path, content-type and te take 62.
     value = "v" * 3000
-    over = [("x-big", value)] * 349  # 42 + 349 * 3007 = 1049485 > 1 MiB
+    over = [("x-big", value)] * (copies + 1)
+    assert 62 + (copies + 1) * 3007 > limit >= 62 + copies * 3007
     r = c.response(c.send(grpc_headers(ECHO, extra=over), [prefixed(b"x")]))
-    assert r.headers == status_only(8, b"request metadata larger than 1048576 bytes")
+    assert r.headers == status_only(8, b"request metadata larger than %d bytes" % limit)
     assert s.recorder.calls == []
     assert s.stats()["calls"] == 0
+    assert s.stats()["rejected"] == 1
     c.echo_ok()
-    under = [("x-big", value)] * 348  # 42 + 348 * 3007 = 1046478
+    under = [("x-big", value)] * copies
     r = c.response(c.send(grpc_headers(ECHO, extra=under), [prefixed(b"y")]))
     assert r.data == prefixed(b"y")
     assert s.recorder.calls[-1].metadata[2:] == tuple(under)
+    assert wait_for(lambda: s.stats()["buffered"] == 0)
 
 
 def test_h2_large_response_flow_control(env: Env) -> None:
@@ -1387,7 +1394,7 @@ def test_listener_owned_by_transport(env: Env, shutdown_first: bool) -> None:
     fd = listener.fileno()
     inode = _fd_inode(fd)
     assert inode is not None
-    transport = GrpcTransport(listener, 1024)
+    transport = GrpcTransport(listener, GrpcLimits(max_message=1024))
     try:
         assert listener.fileno() == -1  # detached: the transport has the fd
         assert _fd_inode(fd) == inode

@@ -52,6 +52,11 @@ def test_unix_prefix_is_accepted(tmp_path: Path) -> None:
         ('log_level = "loud"', "log_level 'loud' must be one of"),
         ('metrics_address = "9090"', "must be host:port"),
         ("root = ", "is not valid TOML"),
+        ("max_streams = 0", "config max_streams must be at least 1"),
+        ("max_buffer_bytes = -1", "config max_buffer_bytes must be at least 1"),
+        ('request_timeout = "30s"', "request_timeout must be a number of seconds"),
+        ("idle_timeout = true", "idle_timeout must be a number of seconds"),
+        ("idle_timeout = 0", "config idle_timeout must be between 0.001 and"),
     ],
 )
 def test_bad_files_name_the_problem(tmp_path: Path, text: str, message: str) -> None:
@@ -65,3 +70,11 @@ def test_bad_files_name_the_problem(tmp_path: Path, text: str, message: str) -> 
 def test_named_file_must_exist(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgumentError, match="does not exist"):
         load_config(str(tmp_path / "missing.toml"))
+
+
+def test_limits_reach_the_transport(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text("max_streams = 7\nrequest_timeout = 2\nmax_buffer_bytes = 4096\n")
+    limits = load_config(str(f)).limits()
+    assert (limits.max_streams, limits.request_timeout, limits.max_buffer_bytes) == (7, 2.0, 4096)
+    assert limits.max_connections == Config().max_connections
