@@ -8,8 +8,11 @@
 * ``overlay_snapshots{kind}``: snapshots by kind, read at scrape time;
 * ``overlay_metadata_bytes{what="used"|"map_size"}``: LMDB map use;
 * ``overlay_grpc_connections`` (open now), ``overlay_grpc_connections_accepted_total``,
-  ``overlay_grpc_pending_calls`` (received, not yet answered) and
-  ``overlay_grpc_rejected_requests_total`` (refused before any method): the transport.
+  ``overlay_grpc_pending_calls`` (received, not yet answered),
+  ``overlay_grpc_rejected_requests_total`` (refused before any method: not
+  gRPC, malformed, over a limit), ``overlay_grpc_shed_connections_total``
+  (closed for a limit: idle, replaced or refused at max_connections) and
+  ``overlay_grpc_buffered_bytes`` (request bytes held now): the transport.
 """
 
 from __future__ import annotations
@@ -74,7 +77,14 @@ class _TransportCollector(Collector):
         yield CounterMetricFamily(
             "overlay_grpc_rejected_requests",
             "Requests refused before reaching a method (not gRPC, compressed, malformed, "
-            "too large)", value=st["rejected"])
+            "over a limit)", value=st["rejected"])
+        yield CounterMetricFamily(
+            "overlay_grpc_shed_connections",
+            "Connections closed for a limit (idle, replaced or refused at max_connections)",
+            value=st["shed"])
+        yield GaugeMetricFamily("overlay_grpc_buffered_bytes",
+                                "Request bytes (headers and messages) the transport holds",
+                                value=st["buffered"])
 
 
 class Metrics:

@@ -258,6 +258,8 @@ def test_metrics(tmpfs: Path, sockdir: Path) -> None:
         assert accepted is not None and float(accepted.group(1)) >= 1
         assert "overlay_grpc_pending_calls 0.0" in text
         assert "overlay_grpc_rejected_requests_total 0.0" in text
+        assert "overlay_grpc_shed_connections_total 0.0" in text
+        assert "overlay_grpc_buffered_bytes 0.0" in text
     finally:
         code, err = stop(proc)
     assert code == 0, err

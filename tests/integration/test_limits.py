@@ -77,6 +77,10 @@ class Raw:
         self.closed = False
         self._buf = b""
         self._next = 1
+        # what the server lets us send (flow control), for send_data
+        self.conn_window = 65535
+        self.stream_window = 65535
+        self.windows: dict[int, int] = {}
         if preface:
             s = SettingsFrame(0)
             s.settings = {SettingsFrame.INITIAL_WINDOW_SIZE: (1 << 31) - 1}
@@ -125,6 +129,29 @@ class Raw:
     def send(self, *frames: bytes) -> None:
         self.sock.sendall(b"".join(frames))
 
+    def send_data(self, sid: int, payload: bytes, *, end_stream: bool = False) -> bool:
+        """DATA within the server's flow-control windows, waiting for its
+        WINDOW_UPDATEs; False if the stream or connection ends first."""
+        sent = 0
+        while sent < len(payload) or (end_stream and sent == len(payload) == 0):
+            room = min(self.conn_window, self.windows.setdefault(sid, self.stream_window),
+                       len(payload) - sent)
+            if room <= 0 and payload:
+                if not self.pump(lambda: self.closed or self.answered(sid) or min(
+                        self.conn_window, self.windows[sid]) > 0):
+                    return False
+                if self.closed or self.answered(sid):
+                    return False
+                continue
+            piece = payload[sent:sent + room]
+            sent += len(piece)
+            self.conn_window -= len(piece)
+            self.windows[sid] -= len(piece)
+            self.send(self.data_frame(sid, piece, end_stream=end_stream and sent == len(payload)))
+            if not payload:
+                break
+        return True
+
     def request(self, headers: Sequence[tuple[str, str]] | None = None,
                 message: bytes | None = b"raw", *, end: bool = True) -> int:
         sid = self.sid()
@@ -170,8 +197,20 @@ class Raw:
     def _on(self, frame: Frame) -> None:
         if isinstance(frame, SettingsFrame):
             if "ACK" not in frame.flags:
+                initial = frame.settings.get(SettingsFrame.INITIAL_WINDOW_SIZE)
+                if initial is not None:
+                    for sid in self.windows:
+                        self.windows[sid] += initial - self.stream_window
+                    self.stream_window = initial
                 self.send(bytes(SettingsFrame(0, flags=["ACK"]).serialize()))
                 self.settled = True
+            return
+        if isinstance(frame, WindowUpdateFrame):
+            if frame.stream_id == 0:
+                self.conn_window += frame.window_increment
+            else:
+                self.windows[frame.stream_id] = (self.windows.get(frame.stream_id, self.stream_window)
+                                                 + frame.window_increment)
             return
         if isinstance(frame, GoAwayFrame):
             self.goaway = frame
