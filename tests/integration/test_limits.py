@@ -209,8 +209,9 @@ class Raw:
             if frame.stream_id == 0:
                 self.conn_window += frame.window_increment
             else:
-                self.windows[frame.stream_id] = (self.windows.get(frame.stream_id, self.stream_window)
-                                                 + frame.window_increment)
+                sid = frame.stream_id
+                self.windows[sid] = (self.windows.get(sid, self.stream_window)
+                                     + frame.window_increment)
             return
         if isinstance(frame, GoAwayFrame):
             self.goaway = frame
