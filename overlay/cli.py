@@ -326,19 +326,44 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------- parser
 
 
+def target_opts(parser: argparse.ArgumentParser, *, top: bool = False) -> None:
+    """--root or --address, --namespace, --timeout, --format: on the top-level
+    parser with their defaults, on a command's with SUPPRESS (see _parser)."""
+    def d(value: object) -> object:
+        return value if top else argparse.SUPPRESS
+
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--root", default=d(None),
+                       help="work in-process on this root directory" + (
+                           " (ovl serve: the daemon's root)" if top else ""))
+    where.add_argument("-a", "--address", default=d(None),
+                       help=f"talk to a daemon (default {DEFAULT_ADDRESS})" + (
+                           " (ovl serve: the socket to listen on)" if top else ""))
+    parser.add_argument("-n", "--namespace", default=d(None),
+                        help="containerd-namespace header for --address")
+    parser.add_argument("--timeout", type=float, default=d(None), help="seconds per call")
+    parser.add_argument("--format", choices=("table", "json"), default=d("table"))
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ovl", description="overlay: an overlayfs-native container snapshotter",
         epilog=(__doc__ or "").split("Exit status:", 1)[-1].join(["Exit status:", ""]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    # The options every command shares go before the verb as well as after it
+    # (ovl --root DIR snapshots ls, as with ctr -a ADDR -n NS ...).  After the
+    # verb they default to SUPPRESS, so an option left out there never
+    # overwrites one given before it.
+    target_opts(p, top=True)
     sub = p.add_subparsers(dest="group", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the proxy snapshotter daemon")
     serve.add_argument("--config", help="TOML config (default /etc/overlay-snapshotter/"
                        "config.toml; a missing default file means defaults)")
-    serve.add_argument("--root", help="snapshotter root directory")
-    serve.add_argument("--address", help="unix socket to listen on")
+    serve.add_argument("--root", default=argparse.SUPPRESS, help="snapshotter root directory")
+    serve.add_argument("-a", "--address", default=argparse.SUPPRESS,
+                       help="unix socket to listen on")
     serve.add_argument("--sync-remove", action="store_true", help="delete at remove time")
     serve.add_argument("--upperdir-label", action="store_true",
                        help="report the upperdir label in Stat/Update/List")
@@ -347,14 +372,6 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     serve.add_argument("--metrics-address", metavar="HOST:PORT",
                        help="serve Prometheus metrics there")
-
-    def target_opts(parser: argparse.ArgumentParser) -> None:
-        where = parser.add_mutually_exclusive_group()
-        where.add_argument("--root", help="work in-process on this root directory")
-        where.add_argument("--address", help=f"talk to a daemon (default {DEFAULT_ADDRESS})")
-        parser.add_argument("--namespace", help="containerd-namespace header for --address")
-        parser.add_argument("--timeout", type=float, default=None, help="seconds per call")
-        parser.add_argument("--format", choices=("table", "json"), default="table")
 
     snaps = sub.add_parser("snapshots", aliases=["snapshot", "sn"],
                            help="manage snapshots (like ctr snapshots)")
@@ -467,11 +484,27 @@ _SNAPSHOT_COMMANDS = {
 }
 
 
+def _check_global(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What argparse cannot see across the verb: --root and --address given on
+    either side for a client command, or an option the command does not take."""
+    if args.group == "serve":
+        extra = [f"--{k}" for k, v in (("namespace", args.namespace),
+                                       ("timeout", args.timeout)) if v is not None]
+        if args.format != "table":
+            extra.append("--format")
+        if extra:
+            parser.error(f"ovl serve takes no {', '.join(extra)}")
+    elif args.root and args.address:
+        parser.error("--root and --address exclude each other: work on a root in-process, "
+                     "or talk to a daemon")
+
+
 def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None) -> int:
     out = stdout or sys.stdout
     parser = _parser()
     try:
         args = parser.parse_args(argv)
+        _check_global(parser, args)
     except SystemExit as exc:
         return int(exc.code or 0)
     try:

@@ -132,3 +132,26 @@ def test_no_daemon_is_unavailable(tmp_path: Path, capsys: pytest.CaptureFixture[
     code, _ = run("snapshots", "ls", "--address", str(tmp_path / "none.sock"))
     assert code == 7
     assert "ovl serve" in capsys.readouterr().err
+
+
+def test_global_options_before_the_verb(where: list[str]) -> None:
+    """--root / --address (-a) / --namespace (-n) / --format before the verb,
+    as with ctr -a ADDR -n NS ...: the same as after it."""
+    assert sn(where, "prepare", "g")[0] == 0
+    flag, value = opts(where)
+    after = run("snapshots", "ls", flag, value, "--format", "json")
+    before = run(flag, value, "--format", "json", "snapshots", "ls")
+    short = run("-a" if flag == "--address" else flag, value, "--format=json", "sn", "ls")
+    assert after == before == short
+    assert after[0] == 0 and json.loads(after[1])[0]["Name"] == "g"
+    # after the verb wins over before it, as for any repeated option
+    assert run("--format", "json", "snapshots", "ls", "--format", "table", flag, value)[1] \
+        .startswith("KEY")
+
+
+def test_global_options_conflicts_are_usage_errors(tmp_path: Path) -> None:
+    assert run("--root", str(tmp_path / "r"), "snapshots", "ls", "-a", "/x.sock")[0] == 2
+    assert run("--address", "/x.sock", "snapshots", "ls", "--root", str(tmp_path / "r"))[0] == 2
+    assert run("--format", "json", "serve", "--root", str(tmp_path / "r"))[0] == 2
+    assert run("-n", "k8s.io", "serve")[0] == 2
+    assert not (tmp_path / "r").exists()
