@@ -1,24 +1,35 @@
-"""The four ways the daemon benchmarks (issue 4) reach a snapshotter.
+"""The six ways the daemon benchmarks (issues 4 and 8) reach a snapshotter.
 
 * ``in-process``: an ``OverlaySnapshotter`` in the benchmark's own process;
 * ``daemon``: our daemon (``python -m overlay.cli serve``, log level info, as
   deployed) on its own root, through ``RemoteSnapshotter`` on its socket;
-* ``containerd → overlayfs`` and ``containerd → ovl``: one private containerd
-  1.6 (as ``tests.integration.containerd_env.containerd_stack`` starts it, with
-  the daemon behind ``proxy_plugins.ovl``, but at log level info), reached
-  with the same client on containerd's socket, in namespace ``bench``, with
-  ``snapshotter`` set to containerd's built-in ``overlayfs`` or to our proxy
-  ``ovl``.
+* ``Go proxy``: the reference contender of issue 8, containerd 1.6's own
+  overlay snapshotter served over gRPC by grpc-go with containerd's
+  ``contrib/snapshotservice`` (``tests/integration/go/overlayproxy``, the
+  external-snapshotter pattern of containerd's docs/PLUGINS.md), on its own
+  root, through the same ``RemoteSnapshotter``.  It runs with the option
+  containerd's built-in overlayfs plugin always sets, asynchronous remove
+  (Remove drops the record, Cleanup deletes the directories): the same
+  deferred deletion as our daemon's, reclaimed between rounds the same way;
+* ``containerd → overlayfs``, ``containerd → ovl`` and ``containerd → Go
+  proxy``: one private containerd 1.6 (as
+  ``tests.integration.containerd_env.containerd_stack`` starts it, with the
+  daemon behind ``proxy_plugins.ovl`` and a second Go proxy behind
+  ``proxy_plugins.gooverlay``, but at log level info), reached with the same
+  client on containerd's socket, in namespace ``bench``, with
+  ``snapshotter`` set to containerd's built-in ``overlayfs``, to our proxy
+  ``ovl`` or to the Go proxy ``gooverlay``.
 
-The daemon contender has a daemon of its own: containerd's garbage collector
-removes every backend snapshot it has no record of, so a client talking to
-the daemon behind containerd directly would lose its snapshots mid-run.
+The daemon and Go proxy contenders have processes of their own: containerd's
+garbage collector removes every backend snapshot it has no record of, so a
+client talking to a proxy behind containerd directly would lose its
+snapshots mid-run.
 
 containerd also collects every snapshot that nothing references, actives
 included, so its contenders work under a lease (``containerd-lease`` header),
 as containerd's own unpacker does.  Everything of one filesystem lives in one
-work directory on it (both daemons' roots, containerd's root and state), the
-sockets in a short private directory under /tmp.
+work directory on it (every root, containerd's root and state), the sockets
+in short private directories under /tmp.
 """
 
 from __future__ import annotations
@@ -41,6 +52,7 @@ from overlay.overlayfs import OverlaySnapshotter
 from overlay.server.snapshots import LEASE_HEADER
 from overlay.snapshots import Snapshotter
 from tests.helpers import wait_for_socket
+from tests.integration import gobuild
 from tests.integration.containerd_env import (
     PLUGIN,
     Stack,
@@ -51,12 +63,15 @@ from tests.integration.containerd_env import containerd_stack as _containerd_sta
 __all__ = [
     "CONTAINERD_CONTENDERS",
     "CONTENDERS",
+    "GO_PLUGIN",
     "NAMESPACE",
     "Backends",
     "ContainerdSnapshots",
     "Contender",
     "Daemon",
+    "GoProxy",
     "cpu_seconds",
+    "go_proxy",
     "ovl_daemon",
 ]
 
@@ -69,6 +84,8 @@ SETTLE_TIMEOUT = 120.0
 #: ... or until the backend's directories have not changed for this long
 QUIET_SECONDS = 1.0
 BUILTIN = "overlayfs"
+#: the proxy plugin name containerd knows the Go proxy by
+GO_PLUGIN = "gooverlay"
 
 
 def cpu_seconds(pid: int) -> float:
@@ -90,10 +107,15 @@ class Contender:
 CONTENDERS: tuple[Contender, ...] = (
     Contender("inproc", "in-process"),
     Contender("daemon", "daemon (unix socket)"),
+    Contender("goproxy", "Go proxy (unix socket)"),
     Contender("ctd-overlayfs", f"containerd -> {BUILTIN} (built-in)"),
     Contender("ctd-ovl", f"containerd -> {PLUGIN} (our proxy)"),
+    Contender("ctd-goproxy", f"containerd -> {GO_PLUGIN} (Go proxy)"),
 )
-CONTAINERD_CONTENDERS = ("ctd-overlayfs", "ctd-ovl")
+CONTAINERD_CONTENDERS = ("ctd-overlayfs", "ctd-ovl", "ctd-goproxy")
+#: which snapshotter containerd is asked for, per contender
+CONTAINERD_SNAPSHOTTER = {"ctd-overlayfs": BUILTIN, "ctd-ovl": PLUGIN,
+                          "ctd-goproxy": GO_PLUGIN}
 
 
 class ContainerdSnapshots(RemoteSnapshotter):
@@ -138,13 +160,50 @@ def ovl_daemon(workdir: Path, log_level: str = "info") -> Iterator[Daemon]:
         shutil.rmtree(sockdir, ignore_errors=True)
 
 
+@dataclass
+class GoProxy:
+    root: Path
+    sock: Path
+    log: Path
+    process: subprocess.Popen[bytes]
+
+
 @contextlib.contextmanager
-def containerd_stack(workdir: Path, log_level: str = "info") -> Iterator[Stack]:
+def go_proxy(workdir: Path) -> Iterator[GoProxy]:
+    """``overlayproxy -async-remove`` on ``workdir/root`` (built once per
+    source by ``tests.integration.gobuild``); stopped at exit.  Skips (fails
+    under CI=true) without Go and Debian's Go packages."""
+    gobuild.require_go()
+    binary = gobuild.build("overlayproxy")
+    sockdir = Path(tempfile.mkdtemp(prefix="ovl-bench-go-", dir="/tmp"))
+    sock = sockdir / "go.sock"
+    log = workdir / "overlayproxy.log"
+    try:
+        with open(log, "wb") as out:
+            process = subprocess.Popen(
+                [binary, "-root", str(workdir / "root"), "-address", str(sock),
+                 "-async-remove"],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_for_socket(sock, process, "overlayproxy")
+            yield GoProxy(workdir / "root", sock, log, process)
+        finally:
+            _stop(process, timeout=60)
+    finally:
+        shutil.rmtree(sockdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def containerd_stack(workdir: Path, log_level: str = "info",
+                     go: GoProxy | None = None) -> Iterator[Stack]:
     """The tests' stack (our daemon, then a private containerd with it as
     ``proxy_plugins.ovl``; both always stopped) at ``log_level`` rather than
-    debug, with the built-in overlayfs checked too."""
-    with _containerd_stack(workdir, log_level=log_level,
-                           snapshotters=(BUILTIN, PLUGIN)) as stack:
+    debug, with the built-in overlayfs checked too, and ``go`` as
+    ``proxy_plugins.gooverlay`` when given."""
+    snapshotters = (BUILTIN, PLUGIN) if go is None else (BUILTIN, PLUGIN, GO_PLUGIN)
+    proxies = {} if go is None else {GO_PLUGIN: go.sock}
+    with _containerd_stack(workdir, log_level=log_level, snapshotters=snapshotters,
+                           proxies=proxies) as stack:
         yield stack
 
 
@@ -187,7 +246,9 @@ class Backends:
         self._clients: dict[str, Snapshotter] = {}
         self._inproc: OverlaySnapshotter | None = None
         self._daemon: Daemon | None = None
+        self._go: GoProxy | None = None
         self._stack: Stack | None = None
+        self._stack_go: GoProxy | None = None
 
     def close(self) -> None:
         try:
@@ -201,8 +262,13 @@ class Backends:
         if self._stack is None:
             work = self.workdir / "containerd"
             work.mkdir()
+            # A Go proxy of its own behind containerd, started first, stopped
+            # last; without Go only the containerd -> Go proxy contender skips.
+            if not gobuild.missing():
+                (work / "go").mkdir()
+                self._stack_go = self._exit.enter_context(go_proxy(work / "go"))
             # starts our daemon too; skips (fails under CI=true) without containerd
-            self._stack = self._exit.enter_context(containerd_stack(work))
+            self._stack = self._exit.enter_context(containerd_stack(work, go=self._stack_go))
             self._stack.ctr(NAMESPACE, "leases", "create", "--id", LEASE, "--expires", "0")
         return self._stack
 
@@ -219,11 +285,18 @@ class Backends:
             work.mkdir()
             self._daemon = self._exit.enter_context(ovl_daemon(work))
             client = RemoteSnapshotter(str(self._daemon.sock), timeout=CALL_TIMEOUT)
+        elif contender == "goproxy":
+            work = self.workdir / "goproxy"
+            work.mkdir()
+            self._go = self._exit.enter_context(go_proxy(work))
+            client = RemoteSnapshotter(str(self._go.sock), timeout=CALL_TIMEOUT)
         elif contender in CONTAINERD_CONTENDERS:
             stack = self._containerd()
+            if contender == "ctd-goproxy" and self._stack_go is None:
+                gobuild.require_go()
             client = ContainerdSnapshots(
                 str(stack.ctd_sock), namespace=NAMESPACE, lease=LEASE, timeout=CALL_TIMEOUT,
-                snapshotter=BUILTIN if contender == "ctd-overlayfs" else PLUGIN)
+                snapshotter=CONTAINERD_SNAPSHOTTER[contender])
         else:
             raise ValueError(f"unknown contender {contender!r}")
         self._clients[contender] = client
@@ -235,16 +308,20 @@ class Backends:
 
     def processes(self, contender: str) -> dict[str, int]:
         """The processes doing ``contender``'s work (for CPU accounting): this
-        one (the client, and the in-process snapshotter), our daemon,
-        containerd."""
+        one (the client, and the in-process snapshotter), our daemon or the
+        Go proxy, containerd."""
         procs = {"client": os.getpid()}
         if contender == "daemon" and self._daemon is not None:
             procs["ovl"] = self._daemon.process.pid
+        if contender == "goproxy" and self._go is not None:
+            procs["go"] = self._go.process.pid
         if contender in CONTAINERD_CONTENDERS and self._stack is not None:
             assert self._stack.containerd is not None and self._stack.daemon is not None
             procs["containerd"] = self._stack.containerd.pid
             if contender == "ctd-ovl":
                 procs["ovl"] = self._stack.daemon.pid
+            if contender == "ctd-goproxy" and self._stack_go is not None:
+                procs["go"] = self._stack_go.process.pid
         return procs
 
     def settle(self, contender: str, live: int) -> float | None:
@@ -253,7 +330,8 @@ class Backends:
         directories and an empty trash.  The seconds waited, None on timeout.
 
         In-process: ``cleanup()``.  Daemon: ``cleanup()`` moves the orphans to
-        the trash, its worker thread empties it.  Through containerd, its
+        the trash, its worker thread empties it.  Go proxy: ``cleanup()``
+        deletes them before it returns.  Through containerd, its
         garbage collector removes and cleans up the backend snapshots on its
         own schedule (while the rounds run, too): only wait for it.
         """
@@ -265,6 +343,10 @@ class Backends:
             assert self._daemon is not None
             self._clients[contender].cleanup()
             return self._settled(self._daemon.root, live)
+        if contender == "goproxy":
+            assert self._go is not None
+            self._clients[contender].cleanup()
+            return self._settled(self._go.root, live)  # it has no trash: always 0
         # containerd's collector may leave the last removed snapshot or two for
         # its next run (a removal racing the run that was already going): so
         # also accept a backend that has stopped changing.
@@ -274,6 +356,11 @@ class Backends:
             return _quiet(lambda: (listdir_count(root / "snapshots"),
                                    listdir_count(root / "trash")),
                           lambda c: c[0] <= live and c[1] == 0)
+        if contender == "ctd-goproxy":
+            assert self._stack_go is not None
+            go_root = self._stack_go.root
+            return _quiet(lambda: (listdir_count(go_root / "snapshots"),),
+                          lambda c: c[0] <= live)
         root = stack.ctd_root / f"io.containerd.snapshotter.v1.{BUILTIN}"
         return _quiet(lambda: (listdir_count(root / "snapshots"),), lambda c: c[0] <= live)
 

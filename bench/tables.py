@@ -1,4 +1,4 @@
-"""Report tables of the snapshotter and daemon benchmarks (issues 3 and 4).
+"""Report tables of the snapshotter and daemon benchmarks (issues 3, 4 and 8).
 
 Read from a ``--benchmark-json`` file by ``python -m bench``, next to issue
 2's removal and usage tables:
@@ -11,8 +11,9 @@ Read from a ``--benchmark-json`` file by ``python -m bench``, next to issue
   strategy and snapshot kind, LEGACY's speed relative to NEW_API, and what
   a strategy could not mount;
 * ``daemon``: per workload and filesystem, ops/s in-process, through our
-  daemon, and through containerd (built-in overlayfs vs our proxy), with
-  ratios and issue 4's goal.
+  daemon, through the Go proxy (containerd's overlay snapshotter served by
+  grpc-go), and through containerd (built-in overlayfs vs our proxy vs the
+  Go proxy), with ratios and the goals of issues 4 and 8.
 
 Goals are reported, never asserted.
 """
@@ -28,6 +29,8 @@ from typing import Any
 
 from bench.config import (
     FILESYSTEMS,
+    GO_CONTAINERD_GOAL,
+    GO_DIRECT_GOALS,
     PROXY_GOAL,
     REMOVE_FLAT_GOAL,
     REMOVE_LATENCY_GOAL,
@@ -42,8 +45,9 @@ OPS = ("prepare", "commit", "remove", "stat", "walk")
 CYCLE_OPS = ("prepare", "commit", "stat", "remove")
 STRATEGIES = ("new-api", "legacy")
 SNAPSHOT_KINDS = ("view", "active")
-DAEMON_ORDER = ("inproc", "daemon", "ctd-overlayfs", "ctd-ovl")
+DAEMON_ORDER = ("inproc", "daemon", "goproxy", "ctd-overlayfs", "ctd-ovl", "ctd-goproxy")
 BUILTIN, PROXY = "ctd-overlayfs", "ctd-ovl"
+DAEMON, GO, CTD_GO = "daemon", "goproxy", "ctd-goproxy"
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +280,13 @@ def _cpu_cell(e: Entry) -> str:
     return " + ".join(parts) + f" = {duration(sum(per.values()))}"
 
 
+def _goals(checks: Sequence[tuple[str, float | None, float]]) -> str:
+    """"met", or what was missed, over (versus, speed ratio, goal) triples."""
+    missed = [f"no {versus} to compare" if r is None else f"{r:.2f}x < {goal:g}x {versus}"
+              for versus, r, goal in checks if r is None or r < goal]
+    return "met" if not missed else "missed: " + ", ".join(missed)
+
+
 def _daemon(entries: Sequence[Entry], workload: str, fs: str) -> str | None:
     mine = [e for e in entries
             if e.kind == "daemon" and e.get("workload") == workload and e.get("fs") == fs]
@@ -285,11 +296,19 @@ def _daemon(entries: Sequence[Entry], workload: str, fs: str) -> str | None:
               if e.get("contender_id") in DAEMON_ORDER else len(DAEMON_ORDER))
     by_id = {e.get("contender_id"): e for e in mine}
     inproc, builtin = by_id.get("inproc"), by_id.get(BUILTIN)
+    go_direct, go_ctd = by_id.get(GO), by_id.get(CTD_GO)
+    direct_goal = GO_DIRECT_GOALS.get(workload, 1.0)
+
+    def speed(reference: Entry | None, e: Entry | None) -> float | None:
+        return ratio(reference.median if reference else None, e.median if e else None)
+
     title = ("prepare -> commit -> stat -> remove cycles" if workload == "cycle"
              else "walk over committed snapshots")
     lines = _head(f"daemon: {title} on {fs}", mine[0])
-    lines.append(f"   goal (issue 4, not asserted): through containerd, our proxy >= "
-                 f"{PROXY_GOAL:g}x the built-in overlayfs")
+    lines.append(f"   goals (not asserted): issue 4, through containerd, our proxy >= "
+                 f"{PROXY_GOAL:g}x the built-in overlayfs; issue 8, our daemon >= "
+                 f"{direct_goal:g}x the Go proxy directly, and through containerd our proxy "
+                 f">= {GO_CONTAINERD_GOAL:g}x the Go proxy")
     header = ["contender", "median"]
     if workload == "cycle":
         header += ["cycles/s", "ops/s", *(f"{op}/s" for op in CYCLE_OPS)]
@@ -306,24 +325,33 @@ def _daemon(entries: Sequence[Entry], workload: str, fs: str) -> str | None:
                     *(rate(_op_rate(e, op)) for op in CYCLE_OPS)]
         else:
             row += [rate(per_s)]
-        row += [_x(ratio(inproc.median if inproc else None, e.median)),
-                _x(ratio(builtin.median if builtin else None, e.median))]
+        row += [_x(speed(inproc, e)), _x(speed(builtin, e))]
         note = ""
         if e.get("contender_id") == PROXY:
-            r = ratio(builtin.median if builtin else None, e.median)
-            note = ("no built-in overlayfs to compare" if r is None else
-                    "met" if r >= PROXY_GOAL else f"missed: {r:.2f}x < {PROXY_GOAL:g}x")
+            checks = [("ctd overlayfs", speed(builtin, e), PROXY_GOAL)]
+            if go_ctd is not None:
+                checks.append(("ctd Go proxy", speed(go_ctd, e), GO_CONTAINERD_GOAL))
+            note = _goals(checks)
+        elif e.get("contender_id") == DAEMON and go_direct is not None:
+            note = _goals([("Go proxy", speed(go_direct, e), direct_goal)])
         body.append([*row, note])
     lines.append(table(header, body, note=True))
     proxy = by_id.get(PROXY)
-    if workload == "cycle" and proxy is not None and builtin is not None:
-        cells = [f"{op} {_x(ratio(_op_rate(proxy, op), _op_rate(builtin, op)))}"
-                 for op in CYCLE_OPS]
-        lines.append("   per operation, our proxy's speed vs the built-in overlayfs: "
-                     + ", ".join(cells))
+    pairs = [("our proxy vs the built-in overlayfs, through containerd", proxy, builtin),
+             ("our daemon vs the Go proxy, directly", by_id.get(DAEMON), go_direct),
+             ("our proxy vs the Go proxy, through containerd", proxy, go_ctd)]
+    for what, ours, theirs in pairs:
+        if ours is None or theirs is None:
+            continue
+        line = f"   {what}: {_x(speed(theirs, ours))}"
+        if workload == "cycle":
+            line += "; per operation: " + ", ".join(
+                f"{op} {_x(ratio(_op_rate(ours, op), _op_rate(theirs, op)))}"
+                for op in CYCLE_OPS)
+        lines.append(line)
     if workload == "walk":
         lines.append("   through containerd, List reads containerd's own metadata, then "
-                     "asks the snapshotter for one Stat per snapshot (through our proxy: one "
+                     "asks the snapshotter for one Stat per snapshot (through a proxy: one "
                      "gRPC call each)")
         odd = [f"{e.get('contender')} saw {e.get('walked')}" for e in mine
                if e.get("walked") != e.get("snapshots")]

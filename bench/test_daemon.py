@@ -1,11 +1,14 @@
-"""Issue 4: one metadata workload in-process, through our daemon, and through containerd.
+"""Issues 4 and 8: one metadata workload in-process, through our daemon, through
+containerd's overlay snapshotter served by Go, and through containerd.
 
 Contenders (``bench.services``): an ``OverlaySnapshotter`` in-process; our
-daemon over its unix socket; and one private containerd 1.6 reached with the
-same gRPC client on its socket, in one namespace under a lease, with
-``snapshotter`` set to its built-in ``overlayfs`` or to our proxy ``ovl``.
-All four keep their roots on the same filesystem, and run side by side in
-one run.
+daemon over its unix socket; the Go proxy (containerd 1.6's overlay
+snapshotter served by grpc-go) over its unix socket; and one private
+containerd 1.6 reached with the same gRPC client on its socket, in one
+namespace under a lease, with ``snapshotter`` set to its built-in
+``overlayfs``, to our proxy ``ovl`` or to the Go proxy ``gooverlay``.  All
+six keep their roots on the same filesystem, and run side by side in one
+run.
 
 * ``cycle``: prepare → commit → stat → remove, ``1000 x BENCH_SCALE`` times
   per round; each operation's share is timed too (``op_seconds``).
@@ -13,10 +16,10 @@ one run.
   snapshots per round.
 
 Before each round (untimed) the removed snapshots of the previous one are
-reclaimed: ``cleanup()`` in-process and on the daemon; through containerd
-its garbage collector does it on its own schedule (during the rounds too, as
-it would in production), and the round waits until the backend is back to
-its live snapshots.  Measured, never asserted.
+reclaimed: ``cleanup()`` in-process, on the daemon and on the Go proxy;
+through containerd its garbage collector does it on its own schedule (during
+the rounds too, as it would in production), and the round waits until the
+backend is back to its live snapshots.  Measured, never asserted.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,7 +225,9 @@ class Stack:
             raise
 
 
-def _config(stack: Stack) -> str:
+def _config(stack: Stack, proxies: Mapping[str, Path]) -> str:
+    more = "".join(f'\n[proxy_plugins.{name}]\n  type = "snapshot"\n  address = "{sock}"\n'
+                   for name, sock in proxies.items())
     return f"""\
 version = 2
 root = "{stack.ctd_root}"
@@ -247,16 +249,18 @@ disabled_plugins = [
 [proxy_plugins.{PLUGIN}]
   type = "snapshot"
   address = "{stack.ovl_sock}"
-"""
+""" + more
 
 
 @contextlib.contextmanager
 def containerd_stack(workdir: Path, *, log_level: str = "debug",
-                     snapshotters: Sequence[str] = (PLUGIN,)) -> Iterator[Stack]:
+                     snapshotters: Sequence[str] = (PLUGIN,),
+                     proxies: Mapping[str, Path] | None = None) -> Iterator[Stack]:
     """Our daemon and a private containerd using it; both always stopped.
 
     Both log at ``log_level``; containerd must report every one of
-    ``snapshotters`` working."""
+    ``snapshotters`` working.  ``proxies`` adds more proxy snapshotters
+    (name -> socket of a service the caller runs) beside ours."""
     require_containerd()
     sockdir = Path(tempfile.mkdtemp(prefix="ovl-ctd-", dir="/tmp"))
     stack = Stack(
@@ -276,7 +280,7 @@ def containerd_stack(workdir: Path, *, log_level: str = "debug",
         with stack.logs_on_failure():
             wait_for_socket(stack.ovl_sock, stack.daemon, "ovl serve")
         config = workdir / "containerd.toml"
-        config.write_text(_config(stack))
+        config.write_text(_config(stack, proxies or {}))
         with open(stack.ctd_log, "wb") as log:
             stack.containerd = subprocess.Popen(
                 ["containerd", "--config", str(config), "--log-level", log_level],
