@@ -18,6 +18,8 @@ __all__ = [
     "InvalidArgumentError",
     "NotFoundError",
     "OverlayError",
+    "ReadOnlyError",
+    "ResourceExhaustedError",
     "UnavailableError",
     "UnimplementedError",
     "UnknownError",
@@ -68,6 +70,18 @@ class InvalidArgumentError(OverlayError):
     kind_text = "invalid argument"
 
 
+class ResourceExhaustedError(OverlayError):
+    """Something ran out: disk space or inodes (ENOSPC), a quota (EDQUOT), the
+    metadata map at its configured maximum, memory, file descriptors.
+
+    Retrying helps only once something was freed; the message says what ran
+    out and where (``no space left on /dev/sdb1 mounted at /var/lib/…``).
+    """
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+    kind_text = "resource exhausted"
+
+
 class UnavailableError(OverlayError):
     grpc_code = "UNAVAILABLE"
     kind_text = "unavailable"
@@ -95,6 +109,22 @@ class DeadlineExceededError(OverlayError):
 
     grpc_code = "DEADLINE_EXCEEDED"
     kind_text = "context deadline exceeded"
+
+
+class ReadOnlyError(FailedPreconditionError):
+    """The snapshotter's root is on a filesystem that refuses writes (EROFS):
+    mounted read-only, or turned read-only by the kernel after an error
+    (ext4 ``errors=remount-ro``).
+
+    FAILED_PRECONDITION rather than UNAVAILABLE, after the rule in gRPC's
+    status code guide (google.rpc.Code): UNAVAILABLE says the very same call
+    may simply be retried, so a client with a retry policy would keep
+    hammering a root that stays read-only until a person acts (remounts it;
+    after an error: unmounts it, runs fsck, restarts the daemon), while
+    FAILED_PRECONDITION says "do not retry until the system state has been
+    explicitly fixed", which is the case.  It goes on the wire as its base
+    class (exit status 5 in ``ovl``); reads keep working.
+    """
 
 
 class UnsupportedError(FailedPreconditionError):

@@ -22,10 +22,22 @@ Environment and concurrency
 * One file: the LMDB data file is ``path`` itself (``subdir=False``, mode
   0600) with LMDB's lock file ``<path>-lock`` beside it.  The parent
   directory must exist.
-* Opened lazily by the first transaction (as containerd does), so building a
-  ``MetaStore`` never touches the disk and ``close()`` on a store that was
-  never used is a no-op.  ``close()`` is idempotent; a closed store refuses
-  new transactions with :class:`UnavailableError`.
+* Opened by ``open()`` or lazily by the first transaction (as containerd
+  does), so building a ``MetaStore`` never touches the disk and ``close()``
+  on a store that was never used is a no-op.  ``close()`` is idempotent; a
+  closed store refuses new transactions with :class:`UnavailableError`.
+* The map grows on demand: it starts at ``map_size``; a write transaction
+  that finds it full is aborted, the map doubles (up to ``map_size_max``)
+  and :meth:`MetaStore.write` runs the transaction again.  Growing needs
+  every transaction of the process closed (LMDB's ``mdb_env_set_mapsize``),
+  so it waits for the read transactions in flight and holds new ones back
+  meanwhile.  Another process that grew the map is followed at the next
+  transaction (``MDB_MAP_RESIZED``: its size is adopted).  A map at its
+  maximum is :class:`ResourceExhaustedError`, with nothing written.
+* Faults of the host come out typed (:mod:`overlay._faults`): a full
+  filesystem under the data file is :class:`ResourceExhaustedError`, a
+  read-only one :class:`ReadOnlyError`; a store opened ``read_only`` (its
+  filesystem is read-only) reads and refuses every write transaction.
 * Durable: LMDB's default sync mode, so a write transaction whose ``with``
   block has returned is on disk and survives SIGKILL (and power loss).  A
   process killed inside a write transaction loses only that transaction; the
@@ -78,9 +90,12 @@ with empty values are never stored.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
+import logging
+import mmap
 import os
 import struct
 import threading
@@ -90,12 +105,14 @@ from typing import ParamSpec, TypeVar
 
 import lmdb
 
+from overlay import _faults
 from overlay.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     OverlayError,
+    ResourceExhaustedError,
     UnavailableError,
     UnknownError,
 )
@@ -104,6 +121,9 @@ from overlay.filters import parse as parse_filters
 from overlay.snapshots import Info, Kind, Usage, check_labels, now_ns
 
 __all__ = [
+    "DEFAULT_MAP_SIZE",
+    "DEFAULT_MAP_SIZE_MAX",
+    "MIN_MAP_SIZE",
     "SCHEMA_VERSION",
     "MetaStore",
     "Snapshot",
@@ -133,6 +153,7 @@ _LONG_KEY_MARK = b"\xff"
 _DB_SNAPSHOTS = b"snapshots"
 _DB_PARENTS = b"parents"
 _DB_META = b"meta"
+_DB_NAMES = (_DB_SNAPSHOTS, _DB_PARENTS, _DB_META)
 _META_VERSION = b"version"
 _META_SEQUENCE = b"sequence"
 
@@ -145,6 +166,13 @@ _INT64_MAX = (1 << 63) - 1
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
+
+log = logging.getLogger(__name__)
+
+
+def _pages(size: int) -> int:
+    """``size`` rounded up to whole pages (LMDB wants a multiple of the OS page size)."""
+    return -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,22 +220,37 @@ class _Record:
 # Errors
 
 
-def _map_error(exc: lmdb.Error, where: str) -> OverlayError:
-    """An ``lmdb.Error`` as a domain error; the caller raises it ``from exc``."""
+class _MapFullError(ResourceExhaustedError):
+    """A write found the map full; the transaction grows it (see :meth:`MetaStore.write`)."""
+
+
+class _MapGrownError(ResourceExhaustedError):
+    """The map was full and has grown: the same transaction, run again, may fit."""
+
+
+def _map_error(exc: lmdb.Error, where: str, path: str | None = None) -> OverlayError:
+    """An ``lmdb.Error`` as a domain error; the caller raises it ``from exc``.
+
+    LMDB passes the kernel's errno through (``exc.code`` > 0; its own codes
+    are negative), so a full or read-only filesystem under the data file
+    gets the same error as anywhere else (:mod:`overlay._faults`).
+    """
     text = f"{where}: {exc}"
     if isinstance(exc, lmdb.MapFullError):
-        return UnavailableError(f"{where}: the metadata map is full (raise map_size): {exc}")
+        return _MapFullError(f"{where}: the metadata map is full")
+    if isinstance(exc, lmdb.ReadonlyError):
+        # EACCES in LMDB 0.9's words: a write in a read-only transaction
+        return FailedPreconditionError(text)
+    code = getattr(exc, "code", 0)
+    if isinstance(code, int) and code > 0:
+        err = _faults.from_errno(code, where, path, short_write=True)
+        if err is not None:
+            return err
     if isinstance(
-        exc,
-        lmdb.ReadersFullError
-        | lmdb.TxnFullError
-        | lmdb.MapResizedError
-        | lmdb.LockError
-        | lmdb.DiskError
-        | lmdb.MemoryError
-        | lmdb.TlsFullError
-        | lmdb.DbsFullError,
+        exc, lmdb.ReadersFullError | lmdb.TxnFullError | lmdb.TlsFullError | lmdb.MemoryError
     ):
+        return ResourceExhaustedError(text)
+    if isinstance(exc, lmdb.MapResizedError | lmdb.LockError | lmdb.DbsFullError):
         return UnavailableError(text)
     if isinstance(
         exc,
@@ -221,8 +264,6 @@ def _map_error(exc: lmdb.Error, where: str) -> OverlayError:
         return UnknownError(f"{where}: metadata store is corrupt or incompatible: {exc}")
     if isinstance(exc, lmdb.BadValsizeError):
         return InvalidArgumentError(text)
-    if isinstance(exc, lmdb.ReadonlyError):
-        return FailedPreconditionError(text)
     return UnknownError(text)
 
 
@@ -234,10 +275,10 @@ def _guard(fn: Callable[_P, _R]) -> Callable[_P, _R]:
         try:
             return fn(*args, **kwargs)
         except lmdb.Error as exc:
-            where = fn.__name__
+            where, path = fn.__name__, None
             if args and isinstance(args[0], Txn):
-                where = f"metastore {args[0].path!r}: {where}"
-            raise _map_error(exc, where) from exc
+                where, path = f"metastore {args[0].path!r}: {where}", args[0].path
+            raise _map_error(exc, where, path) from exc
 
     return wrapper
 
@@ -309,37 +350,81 @@ class Txn:
         return self._txn
 
 
+_Dbs = tuple[lmdb._Database, lmdb._Database, lmdb._Database]
+
+#: The map a store starts with, and the most it grows to, unless told otherwise.
+DEFAULT_MAP_SIZE = 1 << 30
+DEFAULT_MAP_SIZE_MAX = 1 << 40
+#: The smallest map accepted: LMDB needs a handful of pages for an empty store.
+MIN_MAP_SIZE = 64 << 10
+#: How long growing the map waits for the read transactions in flight.
+RESIZE_WAIT_SECONDS = 30.0
+
+
 class MetaStore:
     """The LMDB environment of one snapshotter's metadata (see the module docstring).
 
     ``path`` is the data file; LMDB keeps its lock file at ``<path>-lock``.
-    The environment is opened lazily, by the first transaction; several
-    processes may share the file (LMDB's own locking), one ``MetaStore`` per
-    file and process.  ``map_size`` is the most the file may grow to (address
-    space is reserved, disk is not).
+    The environment is opened by :meth:`open` or, lazily, by the first
+    transaction; several processes may share the file (LMDB's own locking),
+    one ``MetaStore`` per file and process.
+
+    The map (address space, not disk) starts at ``map_size`` and grows on
+    demand: a write that finds it full doubles it, up to ``map_size_max``
+    (see :meth:`write`).  ``read_only`` opens the file read-only (a root on a
+    read-only filesystem): reads work, every write transaction is refused
+    with :class:`~overlay.errors.ReadOnlyError`.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, map_size: int = 8 << 30) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        map_size: int = DEFAULT_MAP_SIZE,
+        map_size_max: int = DEFAULT_MAP_SIZE_MAX,
+        read_only: bool = False,
+    ) -> None:
+        if not MIN_MAP_SIZE <= map_size <= map_size_max:
+            raise InvalidArgumentError(
+                f"metastore map size {map_size!r} must be at least {MIN_MAP_SIZE} and at most "
+                f"the maximum {map_size_max!r}"
+            )
         self._path = os.fspath(path)
-        self._map_size = map_size
+        self._map_size = _pages(map_size)
+        self._map_size_max = _pages(map_size_max)
+        self._read_only = read_only
         self._env: lmdb.Environment | None = None
-        self._dbs: tuple[lmdb._Database, lmdb._Database, lmdb._Database] | None = None
+        self._dbs: _Dbs | None = None
         self._pid = 0
         self._closed = False
         self._open_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._writer: int | None = None
+        # Growing the map (set_mapsize) invalidates every transaction of the
+        # process, so it waits until no read transaction is open and holds new
+        # ones back meanwhile: readers per thread, under _gate.
+        self._gate = threading.Condition(threading.Lock())
+        self._readers: dict[int, int] = {}
+        self._resizing = False
 
     @property
     def path(self) -> str:
         return self._path
 
+    @property
+    def read_only(self) -> bool:
+        """Whether the store was opened read-only (writes are refused)."""
+        return self._read_only
+
     def __repr__(self) -> str:
         return f"MetaStore({self._path!r})"
 
-    def _environment(
-        self,
-    ) -> tuple[lmdb.Environment, tuple[lmdb._Database, lmdb._Database, lmdb._Database]]:
+    def open(self) -> None:
+        """Open the environment now (it opens lazily otherwise), so that a
+        store that cannot be opened fails here, with its domain error."""
+        self._environment()
+
+    def _environment(self) -> tuple[lmdb.Environment, _Dbs]:
         with self._open_lock:
             if self._closed:
                 raise UnavailableError(f"metastore {self._path!r} is closed")
@@ -358,9 +443,12 @@ class MetaStore:
                     mode=0o600,
                     max_dbs=4,
                     max_readers=1024,
+                    readonly=self._read_only,
                 )
             except lmdb.Error as exc:
-                raise UnavailableError(f"cannot open metastore {self._path!r}: {exc}") from exc
+                where = f"cannot open metastore {self._path!r}"
+                err = _faults.from_errno(getattr(exc, "code", 0), where, self._path)
+                raise (err or UnavailableError(f"{where}: {exc}")) from exc
             try:
                 dbs = self._init_schema(env)
             except BaseException:
@@ -369,42 +457,58 @@ class MetaStore:
             self._env, self._dbs, self._pid = env, dbs, os.getpid()
             return env, dbs
 
-    def _init_schema(
-        self, env: lmdb.Environment
-    ) -> tuple[lmdb._Database, lmdb._Database, lmdb._Database]:
+    def _init_schema(self, env: lmdb.Environment) -> _Dbs:
         # Open (creating if needed) the sub-databases and check the schema version in one
         # write transaction; it writes nothing when the file is already initialized.  No
         # _write_lock: the env is not published yet, and taking it under _open_lock would
-        # invert close()'s lock order.
+        # invert close()'s lock order.  Read-only: the sub-databases must exist already
+        # and the version is read in a read transaction.
+        create = not self._read_only
         try:
-            with env.begin(write=True) as wtxn:
-                dbs = (
-                    env.open_db(_DB_SNAPSHOTS, txn=wtxn),
-                    env.open_db(_DB_PARENTS, txn=wtxn),
-                    env.open_db(_DB_META, txn=wtxn),
-                )
-                raw = wtxn.get(_META_VERSION, db=dbs[2])
-                if raw is None:
-                    wtxn.put(_META_VERSION, _U32.pack(SCHEMA_VERSION), db=dbs[2])
-                elif len(raw) != _U32.size or _U32.unpack(raw)[0] != SCHEMA_VERSION:
-                    found = _U32.unpack(raw)[0] if len(raw) == _U32.size else raw
+            if not create:
+                # py-lmdb keeps a handle opened in a read-only environment only when it
+                # opens it in a transaction of its own
+                try:
+                    dbs = tuple(env.open_db(name, create=False) for name in _DB_NAMES)
+                except lmdb.NotFoundError as exc:
+                    raise FailedPreconditionError(
+                        f"metastore {self._path!r} is read-only and was never initialized"
+                    ) from exc
+            txn = env.begin(write=create)
+            try:
+                if create:
+                    dbs = tuple(env.open_db(name, txn=txn) for name in _DB_NAMES)
+                raw = txn.get(_META_VERSION, db=dbs[2])
+                if raw is None and create:
+                    txn.put(_META_VERSION, _U32.pack(SCHEMA_VERSION), db=dbs[2])
+                elif raw is None or len(raw) != _U32.size or _U32.unpack(raw)[0] != SCHEMA_VERSION:
+                    found = _U32.unpack(raw)[0] if raw and len(raw) == _U32.size else raw
                     raise FailedPreconditionError(
                         f"metastore {self._path!r} has schema version {found!r}, "
                         f"this build reads version {SCHEMA_VERSION}"
                     )
+                txn.commit()
+            except BaseException:
+                txn.abort()
+                raise
         except lmdb.Error as exc:
-            raise _map_error(exc, f"cannot open metastore {self._path!r}") from exc
+            raise _map_error(exc, f"cannot open metastore {self._path!r}", self._path) from exc
+        assert len(dbs) == 3
         return dbs
+
+    # ------------------------------------------------------------------ transactions
 
     @contextlib.contextmanager
     def transaction(self, write: bool = False) -> Iterator[Txn]:
-        """A transaction: committed when the block ends normally (write), else aborted."""
+        """A transaction: committed when the block ends normally (write), else aborted.
+
+        A write that finds the map full aborts, grows the map (when it may)
+        and raises :class:`~overlay.errors.ResourceExhaustedError`; use
+        :meth:`write` to have the transaction run again in the bigger map.
+        """
         env, dbs = self._environment()
         if not write:
-            try:
-                ltxn = env.begin()
-            except lmdb.Error as exc:
-                raise self._begin_error(exc) from exc
+            ltxn, me = self._begin_read(env)
             txn = Txn(env, ltxn, dbs, write=False, path=self._path)
             try:
                 yield txn
@@ -412,8 +516,13 @@ class MetaStore:
                 txn._closed = True
                 with contextlib.suppress(lmdb.Error):
                     ltxn.abort()
+                self._leave_read(me)
             return
 
+        if self._read_only:
+            err = _faults.from_errno(errno.EROFS, f"metastore {self._path!r}", self._path)
+            assert err is not None
+            raise err
         me = threading.get_ident()
         if self._writer == me:
             raise FailedPreconditionError(
@@ -424,6 +533,13 @@ class MetaStore:
             try:
                 try:
                     ltxn = env.begin(write=True)
+                except lmdb.MapResizedError:
+                    if self._readers.get(me) or not self._set_map_size(env, 0):
+                        raise UnavailableError(
+                            f"metastore {self._path!r}: another process grew the metadata "
+                            "map and read transactions are open: retry"
+                        ) from None
+                    ltxn = self._begin(env, write=True)
                 except lmdb.Error as exc:
                     raise self._begin_error(exc) from exc
                 txn = Txn(env, ltxn, dbs, write=True, path=self._path)
@@ -435,19 +551,148 @@ class MetaStore:
                         ltxn.abort()
                     except lmdb.Error as abort_exc:
                         exc.add_note(f"rollback failed: {abort_exc}")
+                    if isinstance(exc, _MapFullError | lmdb.MapFullError):
+                        raise self._grow(env) from exc
                     raise
                 txn._closed = True
                 try:
                     ltxn.commit()
+                except lmdb.MapFullError as exc:  # the free list did not fit
+                    raise self._grow(env) from exc
                 except lmdb.Error as exc:
-                    raise _map_error(exc, f"metastore {self._path!r}: commit failed") from exc
+                    raise _map_error(exc, f"metastore {self._path!r}: commit failed",
+                                     self._path) from exc
             finally:
                 self._writer = None
+
+    def write(self, fn: Callable[[Txn], _R]) -> _R:
+        """``fn(txn)`` in a write transaction, committed; its result.
+
+        When the map is full, the transaction is aborted, the map grows
+        (doubling, up to ``map_size_max``) and ``fn`` runs again from the
+        start, in a new transaction: ``fn`` must undo what it did outside the
+        store when it raises, as any write transaction's body must.  A map
+        that cannot grow further is
+        :class:`~overlay.errors.ResourceExhaustedError`, with nothing written.
+        """
+        while True:
+            try:
+                with self.transaction(write=True) as txn:
+                    return fn(txn)
+            except _MapGrownError:
+                continue
+
+    def _begin(self, env: lmdb.Environment, *, write: bool) -> lmdb.Transaction[bytes]:
+        try:
+            return env.begin(write=write)
+        except lmdb.Error as exc:
+            raise self._begin_error(exc) from exc
+
+    def _begin_read(self, env: lmdb.Environment) -> tuple[lmdb.Transaction[bytes], int]:
+        """A read transaction, counted as open (see :meth:`_set_map_size`)."""
+        me = self._enter_read()
+        try:
+            return env.begin(), me
+        except lmdb.MapResizedError:
+            self._leave_read(me)
+        except lmdb.Error as exc:
+            self._leave_read(me)
+            raise self._begin_error(exc) from exc
+        self._adopt_map(env)
+        me = self._enter_read()
+        try:
+            return env.begin(), me
+        except lmdb.Error as exc:
+            self._leave_read(me)
+            raise self._begin_error(exc) from exc
 
     def _begin_error(self, exc: lmdb.Error) -> OverlayError:
         if self._closed:  # close() won the race since _environment() returned
             return UnavailableError(f"metastore {self._path!r} is closed")
-        return _map_error(exc, f"metastore {self._path!r}: begin")
+        return _map_error(exc, f"metastore {self._path!r}: begin", self._path)
+
+    # ------------------------------------------------------------------ the map
+
+    def _enter_read(self) -> int:
+        me = threading.get_ident()
+        with self._gate:
+            if self._resizing and not self._readers.get(me):
+                # (a thread already reading goes on: the resize waits for it anyway)
+                self._gate.wait_for(lambda: not self._resizing)
+            self._readers[me] = self._readers.get(me, 0) + 1
+        return me
+
+    def _leave_read(self, me: int) -> None:
+        with self._gate:
+            left = self._readers[me] - 1
+            if left:
+                self._readers[me] = left
+            else:
+                del self._readers[me]
+                if self._resizing:
+                    self._gate.notify_all()
+
+    def _set_map_size(self, env: lmdb.Environment, size: int) -> bool:
+        """``set_mapsize`` once no read transaction is open (new ones wait);
+        False if they stayed open too long.  The caller holds the write lock
+        (so no write transaction is open) and no read transaction."""
+        with self._gate:
+            self._resizing = True
+            try:
+                if not self._gate.wait_for(lambda: not self._readers, RESIZE_WAIT_SECONDS):
+                    return False
+                env.set_mapsize(size)
+                return True
+            finally:
+                self._resizing = False
+                self._gate.notify_all()
+
+    def _adopt_map(self, env: lmdb.Environment) -> None:
+        """Another process grew the map past ours (MDB_MAP_RESIZED): adopt its
+        size, which needs every transaction of this process closed."""
+        me = threading.get_ident()
+        if self._writer == me or self._readers.get(me):
+            raise UnavailableError(
+                f"metastore {self._path!r}: another process grew the metadata map while "
+                "this thread holds a transaction: retry"
+            )
+        with self._write_lock:
+            ok = self._set_map_size(env, 0)
+        if not ok:
+            raise UnavailableError(
+                f"metastore {self._path!r}: another process grew the metadata map and read "
+                f"transactions stayed open for {RESIZE_WAIT_SECONDS:g}s: retry"
+            )
+
+    def _grow(self, env: lmdb.Environment) -> OverlayError:
+        """After a write found the map full and was aborted (write lock held):
+        double the map, up to the maximum.  The error to raise: ``_MapGrownError``
+        when it grew (:meth:`write` runs the transaction again)."""
+        where = f"metastore {self._path!r}"
+        current = int(env.info()["map_size"])
+        full = f"{where}: the metadata map is full at {_faults.human(current)}"
+        if current >= self._map_size_max:
+            return ResourceExhaustedError(
+                f"{full}, its maximum: raise metadata_map_size_max in the daemon's config, "
+                "or remove snapshots"
+            )
+        if self._readers.get(threading.get_ident()):
+            return ResourceExhaustedError(
+                f"{full} and cannot grow while this thread holds a read transaction"
+            )
+        new = min(self._map_size_max, _pages(current * 2))
+        try:
+            grown = self._set_map_size(env, new)
+        except lmdb.Error as exc:
+            return _map_error(exc, f"{full}; growing it to {_faults.human(new)}", self._path)
+        if not grown:
+            return ResourceExhaustedError(
+                f"{full}; growing it waits for the read transactions, which stayed open for "
+                f"{RESIZE_WAIT_SECONDS:g}s: retry"
+            )
+        log.info("%s: the metadata map was full at %s; grown to %s",
+                 where, _faults.human(current), _faults.human(new))
+        return _MapGrownError(f"{full}; grown to {_faults.human(new)}: retry")
 
     def close(self) -> None:
         """Close the environment; a no-op when never opened or already closed.

@@ -29,6 +29,7 @@ from overlay.errors import (
     InvalidArgumentError,
     NotFoundError,
     OverlayError,
+    ResourceExhaustedError,
     UnavailableError,
     UnimplementedError,
     UnknownError,
@@ -48,13 +49,16 @@ __all__ = [
 
 
 #: The one table (SPEC §6.5).  Subclasses map like their nearest listed base
-#: (``UnsupportedError`` → FAILED_PRECONDITION); codes not listed come back as
+#: (``UnsupportedError``, ``ReadOnlyError`` → FAILED_PRECONDITION); codes not listed come back as
 #: ``UnknownError``, as in containerd 1.6.
 STATUS_TABLE: Final[Mapping[type[OverlayError], grpc.StatusCode]] = {
     InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
     NotFoundError: grpc.StatusCode.NOT_FOUND,
     AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
     FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
+    # containerd HEAD's errdefs maps it both ways; 1.6 reads it as Unknown
+    # and keeps the message (SPEC §6.5)
+    ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     UnavailableError: grpc.StatusCode.UNAVAILABLE,
     UnimplementedError: grpc.StatusCode.UNIMPLEMENTED,
     CancelledError: grpc.StatusCode.CANCELLED,

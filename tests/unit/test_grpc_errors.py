@@ -14,6 +14,8 @@ from overlay.errors import (
     InvalidArgumentError,
     NotFoundError,
     OverlayError,
+    ReadOnlyError,
+    ResourceExhaustedError,
     UnavailableError,
     UnimplementedError,
     UnknownError,
@@ -38,6 +40,7 @@ EXPECTED = {
     AlreadyExistsError: C.ALREADY_EXISTS,
     FailedPreconditionError: C.FAILED_PRECONDITION,
     InvalidArgumentError: C.INVALID_ARGUMENT,
+    ResourceExhaustedError: C.RESOURCE_EXHAUSTED,
     UnavailableError: C.UNAVAILABLE,
     UnimplementedError: C.UNIMPLEMENTED,
     UnknownError: C.UNKNOWN,
@@ -56,12 +59,14 @@ GO_KIND_TEXT = {
     C.CANCELLED: "context canceled",
     C.DEADLINE_EXCEEDED: "context deadline exceeded",
 }
+# containerd HEAD (github.com/containerd/errdefs/pkg/errgrpc) knows more kinds
+GO_KIND_TEXT_HEAD = {**GO_KIND_TEXT, C.RESOURCE_EXHAUSTED: "resource exhausted"}
 
 
-def go_from_grpc(code: grpc.StatusCode, desc: str) -> tuple[str, str]:
+def go_from_grpc(code: grpc.StatusCode, desc: str, *, head: bool = False) -> tuple[str, str]:
     """A transcription of containerd's ``FromGRPC`` + ``rebaseMessage``:
     (class text, resulting error text)."""
-    cls = GO_KIND_TEXT.get(code, "unknown")
+    cls = (GO_KIND_TEXT_HEAD if head else GO_KIND_TEXT).get(code, "unknown")
     msg = "" if desc == cls else desc.removesuffix(": " + cls)
     return cls, (f"{msg}: {cls}" if msg else cls)
 
@@ -94,6 +99,26 @@ def test_unsupported_is_failed_precondition_and_comes_back_as_such() -> None:
     assert str(back) == message
 
 
+def test_read_only_is_failed_precondition_and_comes_back_as_such() -> None:
+    exc = ReadOnlyError("root '/r' is on a read-only filesystem")
+    code, message = to_status(exc)
+    assert code is C.FAILED_PRECONDITION
+    assert message == "root '/r' is on a read-only filesystem: failed precondition"
+    back = from_status(code, message)
+    assert type(back) is FailedPreconditionError
+    assert str(back) == message
+
+
+def test_resource_exhausted_both_ways() -> None:
+    exc = ResourceExhaustedError("no space left on /dev/loop3 mounted at /x: 64.0 MiB, 0 B free")
+    assert to_status(exc) == (
+        C.RESOURCE_EXHAUSTED,
+        "no space left on /dev/loop3 mounted at /x: 64.0 MiB, 0 B free: resource exhausted")
+    back = from_status(*to_status(exc))
+    assert type(back) is ResourceExhaustedError
+    assert str(back) == str(exc)
+
+
 def test_non_domain_classes_are_unknown() -> None:
     assert code_for(ValueError) is C.UNKNOWN
     assert code_for(KeyError) is C.UNKNOWN
@@ -108,9 +133,14 @@ def test_round_trip_through_go_and_python(cls: type[OverlayError], context: str)
     assert message == str(exc)
     assert message == exc.kind_text or message.endswith(": " + exc.kind_text)
     # a Go client rebuilds the same text, in the class of the same kind
-    go_class, go_text = go_from_grpc(code, message)
+    go_class, go_text = go_from_grpc(code, message, head=True)
     assert go_class == exc.kind_text
     assert go_text == message
+    if code in GO_KIND_TEXT_HEAD.keys() - GO_KIND_TEXT.keys():
+        # containerd 1.6: Unknown, with the whole message kept in front
+        assert go_from_grpc(code, message) == ("unknown", f"{message}: unknown")
+    else:
+        assert go_from_grpc(code, message) == (go_class, go_text)
     # and so does ours
     back = from_status(code, message)
     assert type(back) is cls
@@ -167,9 +197,9 @@ def test_non_domain_exception_is_unknown_with_its_type_and_text(
 
 
 def test_codes_outside_the_table_come_back_unknown_with_the_code_name() -> None:
-    back = from_status(C.RESOURCE_EXHAUSTED, "message larger than max")
+    back = from_status(C.DATA_LOSS, "message lost")
     assert type(back) is UnknownError
-    assert str(back) == "RESOURCE_EXHAUSTED: message larger than max: unknown"
+    assert str(back) == "DATA_LOSS: message lost: unknown"
     internal = from_status(C.INTERNAL, "")
     assert type(internal) is UnknownError
     assert str(internal) == "INTERNAL: unknown"
