@@ -69,7 +69,7 @@ class Filesystem:
     target: str  # where: the mount point
     fstype: str
     size: int  # bytes
-    free: int  # bytes still usable by root (the daemon runs as root)
+    free: int  # bytes available, as df shows them (what ext4 keeps in reserve excluded)
     inodes: int  # 0 when the filesystem does not count them (btrfs)
     inodes_free: int
 
@@ -123,7 +123,7 @@ def filesystem(path: str | os.PathLike[str]) -> Filesystem | None:
         target=best.target if best is not None else "?",
         fstype=best.fstype if best is not None else "?",
         size=vfs.f_blocks * vfs.f_frsize,
-        free=vfs.f_bfree * vfs.f_frsize,
+        free=vfs.f_bavail * vfs.f_frsize,
         inodes=vfs.f_files,
         inodes_free=vfs.f_ffree,
     )
@@ -177,12 +177,12 @@ def from_errno(
                     "(`ovl cleanup` reclaims removed snapshots)")
         err = ResourceExhaustedError(f"{what}: {text}")
     elif code == errno.EROFS:
-        subject = f"the root {root!r}" if root else repr(spath)
+        subject = f"the root {root!r} is on a read-only filesystem" if root else (
+            "the filesystem is read-only")
         err = ReadOnlyError(
-            f"{what}: {subject} is on a read-only filesystem ({on}): remount it "
-            "read-write; if the kernel made it "
-            "read-only after an error, stop the daemon, unmount it, run fsck, mount it "
-            "and start the daemon again (reads keep working meanwhile)"
+            f"{what}: {subject} ({on}): make it writable and restart the daemon "
+            "(mount -o remount,rw; after an error: unmount, fsck, mount); "
+            "reads keep working meanwhile"
         )
     elif code in _BROKEN:
         problem = "input/output error" if code == errno.EIO else "the filesystem is corrupted"

@@ -6,8 +6,10 @@ given).  ``main(argv)`` returns the exit status, so tests call it directly.
 
 Exit status: 0 success; 1 an unexpected failure; 2 bad usage; and for the
 typed errors: 3 not found, 4 already exists, 5 failed precondition (also:
-unsupported kernel or filesystem), 6 invalid argument, 7 unavailable (no
-daemon, closed store).  Errors go to stderr as ``ovl: <message>``.
+unsupported kernel or filesystem, a read-only root), 6 invalid argument,
+7 unavailable (no daemon, closed store, a store that cannot be opened),
+8 resource exhausted (no space or inodes left, the metadata map at its
+maximum).  Errors go to stderr as ``ovl: <message>``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ EXIT_CODES: dict[type[errors.OverlayError], int] = {
     errors.FailedPreconditionError: 5,
     errors.InvalidArgumentError: 6,
     errors.UnavailableError: 7,
+    errors.ResourceExhaustedError: 8,
 }
 
 

@@ -44,11 +44,12 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from overlay import _native, metastore, support
+from overlay import _faults, _native, metastore, support
 from overlay.errors import (
     AlreadyExistsError,
     InvalidArgumentError,
     NotFoundError,
+    ReadOnlyError,
     UnavailableError,
 )
 from overlay.mount import Mount, MountInfo, MountTableWatch
@@ -69,6 +70,25 @@ log = logging.getLogger(__name__)
 
 #: Called while the trash is emptied: (directories done, directories total).
 Progress = Callable[[int, int], None]
+
+
+#: errnos that say the filesystem (not one file) is failing: read-only, broken
+_FS_FAULTS = frozenset({errno.EROFS, errno.EIO, errno.EUCLEAN})
+
+
+def _writable(path: str) -> bool:
+    """Whether the filesystem of the directory ``path`` takes writes: an unnamed
+    file (O_TMPFILE) made and dropped, which leaves nothing behind, even after a
+    crash.  ST_RDONLY is not enough: ext4 turned read-only after an error
+    (errors=remount-ro) keeps a read-write mount and refuses each write."""
+    try:
+        fd = os.open(path, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        # anything else (no O_TMPFILE support, a full disk) does not make the
+        # filesystem read-only: the writes themselves will say what is wrong
+        return exc.errno != errno.EROFS
+    os.close(fd)
+    return True
 
 
 @contextlib.contextmanager
@@ -147,6 +167,8 @@ class OverlaySnapshotter:
         upperdir_label: bool = False,
         mount_options: Sequence[str] = (),
         trash_threads: int = 2,
+        map_size: int = metastore.DEFAULT_MAP_SIZE,
+        map_size_max: int = metastore.DEFAULT_MAP_SIZE_MAX,
     ) -> None:
         if "ro" in mount_options:
             # containerd's unpacker takes an active mount carrying `ro` for an
@@ -157,13 +179,15 @@ class OverlaySnapshotter:
             )
         support.check_overlay()
         self._root = os.path.abspath(os.fspath(root))
-        os.makedirs(self._root, mode=0o700, exist_ok=True)
-        support.check_dtype(self._root)
         self._snapshots = os.path.join(self._root, "snapshots")
         self._trash = os.path.join(self._root, "trash")
-        for d in (self._snapshots, self._trash):
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(d, 0o700)
+        with self._host_faults("open root"):
+            os.makedirs(self._root, mode=0o700, exist_ok=True)
+            support.check_dtype(self._root)
+            self._read_only = not _writable(self._root)
+            for d in (self._snapshots, self._trash):
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(d, 0o700)
         self._sync_remove = sync_remove
         self._upperdir_label = upperdir_label
         self._trash_threads = max(1, trash_threads)
@@ -174,12 +198,37 @@ class OverlaySnapshotter:
         if not has_index and support.supports_index_option():
             options.append("index=off")
         self._config = MountConfig(self._root, tuple(options))
-        self._ms = metastore.MetaStore(os.path.join(self._root, "metadata.db"))
+        # Opened now, not at the first call: a store that cannot be opened
+        # fails here, before a daemon says it is ready.
+        self._ms = self._open_store(map_size, map_size_max)
         # busy-orphan checks: the mount table, parsed again only when it changed
         self._mounts = MountTableWatch()
         self._snapshots_real = os.path.realpath(self._snapshots)
         self._closed = False
         self._trash_lock = threading.Lock()
+
+    def _open_store(self, map_size: int, map_size_max: int) -> metastore.MetaStore:
+        path = os.path.join(self._root, "metadata.db")
+        while True:
+            ms = metastore.MetaStore(path, map_size=map_size, map_size_max=map_size_max,
+                                     read_only=self._read_only)
+            try:
+                ms.open()
+            except ReadOnlyError:
+                ms.close()
+                if self._read_only:
+                    raise
+                self._read_only = True  # the probe passed, LMDB's files refuse writes
+                continue
+            except BaseException:
+                ms.close()
+                raise
+            if self._read_only:
+                log.warning(
+                    "root %s is on a read-only filesystem: serving reads only; writes answer "
+                    "FAILED_PRECONDITION until it is writable again and the snapshotter "
+                    "restarted", self._root)
+            return ms
 
     # ------------------------------------------------------------------ helpers
 
@@ -191,9 +240,34 @@ class OverlaySnapshotter:
     def mount_config(self) -> MountConfig:
         return self._config
 
+    @property
+    def read_only(self) -> bool:
+        """Whether the root was read-only at start: reads only, writes refused."""
+        return self._read_only
+
     def _check_open(self) -> None:
         if self._closed:
             raise UnavailableError(f"snapshotter at {self._root!r} is closed")
+
+    def _check_writable(self, what: str) -> None:
+        self._check_open()
+        if self._read_only:
+            err = _faults.from_errno(errno.EROFS, what, self._root, root=self._root)
+            assert err is not None
+            raise err
+
+    @contextlib.contextmanager
+    def _host_faults(self, what: str) -> Iterator[None]:
+        """OS failures of the host (a full or read-only filesystem, an i/o
+        error) as typed errors whose message starts with ``what``; any other
+        OSError goes through as it is (a surprise, logged as such)."""
+        try:
+            yield
+        except OSError as exc:
+            err = _faults.from_os_error(exc, what, root=self._root)
+            if err is None:
+                raise
+            raise err from exc
 
     def _upper(self, sid: str) -> str:
         return os.path.join(self._snapshots, sid, "fs")
@@ -214,10 +288,14 @@ class OverlaySnapshotter:
         return self._with_upperdir(sid, info)
 
     def update(self, info: Info, *fieldpaths: str) -> Info:
-        self._check_open()
-        with self._ms.transaction(write=True) as txn:
+        self._check_writable(f"update {info.name!r}")
+
+        def body(txn: metastore.Txn) -> tuple[str, Info]:
             updated = metastore.update_info(txn, info, *fieldpaths)
             sid = metastore.get_info(txn, updated.name)[0] if self._upperdir_label else ""
+            return sid, updated
+
+        sid, updated = self._ms.write(body)
         return self._with_upperdir(sid, updated)
 
     def usage(self, key: str) -> Usage:
@@ -293,9 +371,11 @@ class OverlaySnapshotter:
     def _create(
         self, kind: Kind, key: str, parent: str, labels: Mapping[str, str] | None
     ) -> list[Mount]:
-        self._check_open()
+        what = f"{'view' if kind is Kind.VIEW else 'prepare'} {key!r}"
+        self._check_writable(what)
         check_labels(labels)
-        with self._ms.transaction(write=True) as txn:
+
+        def body(txn: metastore.Txn) -> metastore.Snapshot:
             if labels:
                 self._shared_target(txn, labels, parent)
             temp = tempfile.mkdtemp(prefix="new-", dir=self._snapshots)
@@ -317,6 +397,11 @@ class OverlaySnapshotter:
                 # and we still hold the lock: nobody else can be using it.
                 self._discard_now(temp)
                 raise
+            return snap
+
+        with self._host_faults(what):
+            # A full map: the transaction is run again in a bigger one.
+            snap = self._ms.write(body)
         # After the commit: a failed commit leaves <id> behind as an orphan,
         # which cleanup (or the next create of that id) handles under the lock.
         return compute_mounts(self._config, snap)
@@ -341,28 +426,32 @@ class OverlaySnapshotter:
         labels: Mapping[str, str] | None = None,
         parent: str = "",
     ) -> None:
-        self._check_open()
+        self._check_writable(f"commit {key!r}")
         check_labels(labels)
         # Usage is measured before taking the write lock (a big layer's walk
         # must not stall every prepare).  Errors are left to commit_active, so
         # they come in SPEC's order (a taken name first, even for a bogus key).
         measured: tuple[str, Usage] | None = None
-        with self._ms.transaction(write=False) as txn:
-            found = _active_id(txn, key)
-        if found is not None:
-            measured = (found, self._live_usage(key, found))
-        with self._ms.transaction(write=True) as txn:
-            now = _active_id(txn, key)
-            if now is not None and (measured is None or measured[0] != now):
-                # removed and prepared again meanwhile: measure the new one (rare)
-                measured = (now, self._live_usage(key, now))
-            usage = measured[1] if measured is not None and now is not None else Usage()
-            metastore.commit_active(txn, key, name, usage, labels, parent)
+        with self._host_faults(f"commit {key!r}"):
+            with self._ms.transaction(write=False) as txn:
+                found = _active_id(txn, key)
+            if found is not None:
+                measured = (found, self._live_usage(key, found))
+
+            def body(txn: metastore.Txn) -> None:
+                nonlocal measured
+                now = _active_id(txn, key)
+                if now is not None and (measured is None or measured[0] != now):
+                    # removed and prepared again meanwhile: measure the new one (rare)
+                    measured = (now, self._live_usage(key, now))
+                usage = measured[1] if measured is not None and now is not None else Usage()
+                metastore.commit_active(txn, key, name, usage, labels, parent)
+
+            self._ms.write(body)
 
     def remove(self, key: str) -> None:
-        self._check_open()
-        with self._ms.transaction(write=True) as txn:
-            metastore.remove(txn, key)
+        self._check_writable(f"remove {key!r}")
+        self._ms.write(lambda txn: metastore.remove(txn, key))
         if self._sync_remove:
             self.cleanup()
 
@@ -437,10 +526,11 @@ class OverlaySnapshotter:
 
         Returns (orphans moved, busy orphans left in place as (path, errno)).
         """
-        self._check_open()
-        moved = 0
-        busy: list[tuple[str, int]] = []
-        with self._ms.transaction(write=True) as txn:
+        self._check_writable("cleanup")
+
+        def body(txn: metastore.Txn) -> tuple[int, list[tuple[str, int]]]:
+            moved = 0
+            busy: list[tuple[str, int]] = []
             live = set(metastore.id_map(txn))
             orphans = [e for e in os.listdir(self._snapshots) if e not in live]
             in_use = self._busy(orphans)
@@ -457,9 +547,24 @@ class OverlaySnapshotter:
                 except FileNotFoundError:
                     continue
                 except OSError as exc:
-                    busy.append((path, exc.errno or errno.EIO))
+                    if exc.errno in _FS_FAULTS:
+                        raise  # the filesystem, not this orphan: every other one fails alike
+                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        busy.append((path, exc.errno or errno.EIO))
+                        continue
+                    # No room for its new name in trash/ (a directory block): delete it
+                    # where it is, under the lock.  Slower, but reclaiming is what a
+                    # full disk needs, and the deletion itself needs no space.
+                    result = _native.remove_tree(path, threads=self._trash_threads)
+                    if result.errors:
+                        busy.extend((os.path.join(path, p), e) for p, e in result.errors)
+                    else:
+                        moved += 1
             # The txn only served as the lock: its commit writes nothing.
-        return moved, busy
+            return moved, busy
+
+        with self._host_faults("cleanup"):
+            return self._ms.write(body)
 
     def trash_backlog(self) -> int:
         """Directories waiting in the trash."""
@@ -478,13 +583,17 @@ class OverlaySnapshotter:
         left to its remover, so two removers never walk the same tree.  A
         remover that dies drops its lock with it.  ``stop`` is asked between
         entries; when true the rest waits."""
-        with self._trash_lock:
+        if self._read_only:
+            return CleanupReport()  # nothing can go
+        with self._trash_lock, self._host_faults("cleanup"):
             entries = sorted(os.listdir(self._trash))
             removed = count = size = 0
             failed: list[tuple[str, int]] = []
             for done, name in enumerate(entries, 1):
                 if stop is not None and stop():
                     break
+                if any(e in _FS_FAULTS for _, e in failed[-1:]):
+                    break  # the filesystem refuses: the rest would fail alike
                 path = os.path.join(self._trash, name)
                 with _locked(path) as mine:
                     if not mine:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
@@ -16,8 +17,9 @@ from typing import Any
 
 from overlay._native import GrpcLimits
 from overlay.errors import InvalidArgumentError
+from overlay.metastore import DEFAULT_MAP_SIZE, DEFAULT_MAP_SIZE_MAX, MIN_MAP_SIZE
 
-__all__ = ["DEFAULT_CONFIG_PATH", "LIMIT_KEYS", "Config", "load_config"]
+__all__ = ["DEFAULT_CONFIG_PATH", "LIMIT_KEYS", "Config", "load_config", "parse_size"]
 
 DEFAULT_CONFIG_PATH = "/etc/overlay-snapshotter/config.toml"
 
@@ -58,6 +60,10 @@ class Config:
     max_buffer_bytes: int = _DEFAULT_LIMITS.max_buffer_bytes
     request_timeout: float = _DEFAULT_LIMITS.request_timeout
     idle_timeout: float = _DEFAULT_LIMITS.idle_timeout
+    #: the metadata map (LMDB) a fresh start maps, in bytes: it doubles when full
+    metadata_map_size: int = DEFAULT_MAP_SIZE
+    #: the most the metadata map grows to; a full map there is RESOURCE_EXHAUSTED
+    metadata_map_size_max: int = DEFAULT_MAP_SIZE_MAX
 
     def validate(self) -> Config:
         if not os.path.isabs(self.root):
@@ -84,6 +90,16 @@ class Config:
             self.limits()
         except ValueError as exc:
             raise InvalidArgumentError(f"config {exc}") from None
+        if self.metadata_map_size < MIN_MAP_SIZE:
+            raise InvalidArgumentError(
+                f"config metadata_map_size {self.metadata_map_size!r} must be at least "
+                f"{MIN_MAP_SIZE} (64 KiB)"
+            )
+        if self.metadata_map_size_max < self.metadata_map_size:
+            raise InvalidArgumentError(
+                f"config metadata_map_size_max {self.metadata_map_size_max!r} must be at least "
+                f"metadata_map_size ({self.metadata_map_size})"
+            )
         return replace(self, address=address)
 
     def limits(self) -> GrpcLimits:
@@ -95,7 +111,8 @@ class Config:
         return int(getattr(logging, self.log_level.upper()))
 
 
-_TYPES: dict[str, type] = {
+#: each key's TOML type; "size": bytes, as an integer or a string with a unit
+_TYPES: dict[str, type | str] = {
     "root": str,
     "address": str,
     "sync_remove": bool,
@@ -113,7 +130,20 @@ _TYPES: dict[str, type] = {
     "max_buffer_bytes": int,
     "request_timeout": float,
     "idle_timeout": float,
+    "metadata_map_size": "size",
+    "metadata_map_size_max": "size",
 }
+
+_SIZE = re.compile(r"\s*(\d+)\s*(?:([KMGTP])i?B?|B)?\s*", re.IGNORECASE)
+_UNITS = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50}
+
+
+def parse_size(text: str) -> int:
+    """Bytes of ``"8 GiB"``, ``"512MiB"``, ``"64K"``, ``"4096"`` (binary units)."""
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a size (an integer, or e.g. \"8 GiB\", \"512 MiB\")")
+    return int(match.group(1)) << _UNITS[(match.group(2) or "").upper()]
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:
@@ -121,6 +151,19 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     if want is None:
         known = ", ".join(sorted(_TYPES))
         raise InvalidArgumentError(f"{source}: unknown key {key!r} (known keys: {known})")
+    if want == "size":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return parse_size(value)
+            except ValueError as exc:
+                raise InvalidArgumentError(f"{source}: {key}: {exc}") from None
+        raise InvalidArgumentError(
+            f"{source}: {key} must be a size in bytes or a string like \"8 GiB\", "
+            f"not {type(value).__name__} {value!r}"
+        )
+    assert isinstance(want, type)
     if want is int and isinstance(value, bool):
         raise InvalidArgumentError(f"{source}: {key} must be an integer, not {value!r}")
     if want is float:  # seconds: 30 and 30.0 alike

@@ -1,10 +1,28 @@
 """``ovl serve``: the proxy snapshotter daemon containerd talks to.
 
-Start-up: open the snapshotter (probing the kernel), listen on the unix
-socket (mode 0660, owned by root; a stale socket file is replaced, a live
-one refused) or on the socket systemd passed (LISTEN_FDS), then tell systemd
-READY=1 (Type=notify).  SIGTERM/SIGINT: stop taking calls, drain the ones
-in flight, close the store.
+Start-up: open the snapshotter (probing the kernel) and its metadata store,
+listen on the unix socket (mode 0660, owned by root; a stale socket file is
+replaced, a live one refused) or on the socket systemd passed (LISTEN_FDS),
+then tell systemd READY=1 (Type=notify).  SIGTERM/SIGINT: stop taking calls,
+drain the ones in flight, close the store.
+
+Faults at start-up.  The store is opened before the socket is bound, so
+READY=1 and a listening socket mean it is open.  When it cannot be opened the
+daemon exits before listening, with ``ovl: <what is wrong>`` on stderr and the
+exit status of its kind (``ovl --help``): 5 for a store of another schema or a
+read-only root without a store yet, 7 for a store that cannot be opened
+(corrupt, locked, a missing directory), 8 when there is no room to create it.
+
+A root on a read-only filesystem (mounted ``ro``, or turned read-only by the
+kernel after an error: ext4 ``errors=remount-ro``) is served read-only: we
+chose that over refusing to start because a running daemon keeps Stat, List,
+Mounts and Usage working for what is already there (containerd, the kubelet's
+image accounting) and answers every write with FAILED_PRECONDITION
+``... is on a read-only filesystem ...`` (:class:`~overlay.errors.ReadOnlyError`),
+a message that reaches the person looking at the failed pull or pod, where a
+daemon that is not there gives only "connection refused".  The same holds
+when the root turns read-only while the daemon runs.  Once the filesystem is
+writable again, restart the daemon.
 """
 
 from __future__ import annotations
@@ -78,9 +96,12 @@ class Daemon:
 
     def start(self) -> None:
         cfg = self.config
+        # The store opens here, read-write (or read-only on a read-only root),
+        # before the socket exists: a store that cannot open fails the start.
         snapshotter = OverlaySnapshotter(
             cfg.root, sync_remove=cfg.sync_remove, upperdir_label=cfg.upperdir_label,
             mount_options=cfg.mount_options, trash_threads=cfg.cleanup_threads,
+            map_size=cfg.metadata_map_size, map_size_max=cfg.metadata_map_size_max,
         )
         # the backlog gauges cost a walk of the trash: only when someone scrapes them
         self.backend = DeferredCleanup(snapshotter,

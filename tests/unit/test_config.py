@@ -57,6 +57,12 @@ def test_unix_prefix_is_accepted(tmp_path: Path) -> None:
         ('request_timeout = "30s"', "request_timeout must be a number of seconds"),
         ("idle_timeout = true", "idle_timeout must be a number of seconds"),
         ("idle_timeout = 0", "config idle_timeout must be between 0.001 and"),
+        ('metadata_map_size = "lots"', "'lots' is not a size"),
+        ('metadata_map_size = "8 GB!"', "is not a size"),
+        ("metadata_map_size = true", "must be a size in bytes"),
+        ("metadata_map_size = 4096", "must be at least 65536"),
+        ('metadata_map_size = "2 GiB"\nmetadata_map_size_max = "1 GiB"',
+         "metadata_map_size_max 1073741824 must be at least metadata_map_size (2147483648)"),
     ],
 )
 def test_bad_files_name_the_problem(tmp_path: Path, text: str, message: str) -> None:
@@ -78,3 +84,15 @@ def test_limits_reach_the_transport(tmp_path: Path) -> None:
     limits = load_config(str(f)).limits()
     assert (limits.max_streams, limits.request_timeout, limits.max_buffer_bytes) == (7, 2.0, 4096)
     assert limits.max_connections == Config().max_connections
+
+
+@pytest.mark.parametrize(
+    ("value", "size"),
+    [("65536", 65536), ('"64 KiB"', 64 << 10), ('"64K"', 64 << 10), ('"512MiB"', 512 << 20),
+     ('"8 gib"', 8 << 30), ('"1 TiB"', 1 << 40), ('"100000 B"', 100_000)],
+)
+def test_map_sizes_in_bytes_or_binary_units(tmp_path: Path, value: str, size: int) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(f"metadata_map_size = {value}\nmetadata_map_size_max = {value}\n")
+    cfg = load_config(str(f))
+    assert (cfg.metadata_map_size, cfg.metadata_map_size_max) == (size, size)
