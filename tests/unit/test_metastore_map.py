@@ -98,7 +98,7 @@ def test_a_map_at_its_maximum_is_resource_exhausted_and_writes_nothing(tmp_path:
 def test_a_plain_write_transaction_grows_the_map_and_asks_for_a_retry(tiny: MetaStore) -> None:
     n = 0
     with pytest.raises(ResourceExhaustedError, match=r"full at 64\.0 KiB; grown to 128\.0 KiB"):
-        for n in range(1000):  # noqa: B007
+        for n in range(1000):
             with tiny.transaction(write=True) as txn:
                 ms.create_snapshot(txn, Kind.ACTIVE, f"k{n}", labels={"v": LABEL})
     assert map_size(tiny) == 128 * KIB
