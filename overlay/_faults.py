@@ -57,7 +57,7 @@ _DENIED = frozenset({errno.EACCES, errno.EPERM})
 #: every errno :func:`from_errno` turns into a domain error
 KNOWN_ERRNOS = _NO_SPACE | _BROKEN | _RUN_OUT | _DENIED | {errno.EROFS}
 
-_warned: dict[tuple[int, str], float] = {}
+_warned: dict[tuple[int, str], float] = {}  # (errno, filesystem) → when
 _warned_lock = threading.Lock()
 
 
@@ -130,7 +130,7 @@ def filesystem(path: str | os.PathLike[str]) -> Filesystem | None:
 
 
 def _warn(code: int, fs: Filesystem | None, message: str) -> None:
-    key = (code, fs.source if fs is not None else "")
+    key = (code, f"{fs.source} {fs.target}" if fs is not None else "")
     now = time.monotonic()
     with _warned_lock:
         last = _warned.get(key)

@@ -136,6 +136,7 @@ __all__ = [
     "get_info",
     "get_snapshot",
     "id_map",
+    "last_id",
     "remove",
     "stats",
     "update_info",
@@ -507,18 +508,48 @@ class MetaStore:
         :meth:`write` to have the transaction run again in the bigger map.
         """
         env, dbs = self._environment()
-        if not write:
-            ltxn, me = self._begin_read(env)
-            txn = Txn(env, ltxn, dbs, write=False, path=self._path)
-            try:
+        if write:
+            with self._write_transaction(env, dbs, None) as txn:
                 yield txn
-            finally:
-                txn._closed = True
-                with contextlib.suppress(lmdb.Error):
-                    ltxn.abort()
-                self._leave_read(me)
             return
+        ltxn, me = self._begin_read(env)
+        txn = Txn(env, ltxn, dbs, write=False, path=self._path)
+        try:
+            yield txn
+        finally:
+            txn._closed = True
+            with contextlib.suppress(lmdb.Error):
+                ltxn.abort()
+            self._leave_read(me)
 
+    def write(self, fn: Callable[[Txn], _R], *, undo: Callable[[Txn], None] | None = None) -> _R:
+        """``fn(txn)`` in a write transaction, committed; its result.
+
+        When the map is full, the transaction is aborted, the map grows
+        (doubling, up to ``map_size_max``) and ``fn`` runs again from the
+        start, in a new transaction: ``fn`` must undo what it did outside the
+        store when it raises, as any write transaction's body must.  A map
+        that cannot grow further is
+        :class:`~overlay.errors.ResourceExhaustedError`, with nothing written.
+
+        ``undo(txn)`` is for the one failure ``fn`` cannot see, the commit's
+        own (a full map or disk, a read-only filesystem): it runs then, in a
+        new write transaction that is never committed, so under the writer
+        lock of every process sharing the file, to take back what ``fn`` did
+        outside the store.  What it raises is added to the error as a note.
+        """
+        env, dbs = self._environment()
+        while True:
+            try:
+                with self._write_transaction(env, dbs, undo) as txn:
+                    return fn(txn)
+            except _MapGrownError:
+                continue
+
+    @contextlib.contextmanager
+    def _write_transaction(
+        self, env: lmdb.Environment, dbs: _Dbs, undo: Callable[[Txn], None] | None
+    ) -> Iterator[Txn]:
         if self._read_only:
             err = _faults.from_errno(errno.EROFS, f"metastore {self._path!r}", self._path)
             assert err is not None
@@ -557,30 +588,33 @@ class MetaStore:
                 txn._closed = True
                 try:
                     ltxn.commit()
-                except lmdb.MapFullError as exc:  # the free list did not fit
-                    raise self._grow(env) from exc
                 except lmdb.Error as exc:
+                    if undo is not None:
+                        self._undo(env, dbs, undo, exc)
+                    if isinstance(exc, lmdb.MapFullError):  # the free list did not fit
+                        raise self._grow(env) from exc
                     raise _map_error(exc, f"metastore {self._path!r}: commit failed",
                                      self._path) from exc
             finally:
                 self._writer = None
 
-    def write(self, fn: Callable[[Txn], _R]) -> _R:
-        """``fn(txn)`` in a write transaction, committed; its result.
-
-        When the map is full, the transaction is aborted, the map grows
-        (doubling, up to ``map_size_max``) and ``fn`` runs again from the
-        start, in a new transaction: ``fn`` must undo what it did outside the
-        store when it raises, as any write transaction's body must.  A map
-        that cannot grow further is
-        :class:`~overlay.errors.ResourceExhaustedError`, with nothing written.
-        """
-        while True:
-            try:
-                with self.transaction(write=True) as txn:
-                    return fn(txn)
-            except _MapGrownError:
-                continue
+    def _undo(self, env: lmdb.Environment, dbs: _Dbs, undo: Callable[[Txn], None],
+              exc: BaseException) -> None:
+        """Run ``undo`` in a write transaction of its own, then abort it."""
+        try:
+            ltxn = env.begin(write=True)
+        except lmdb.Error as begin_exc:
+            exc.add_note(f"could not take back the transaction's other changes: {begin_exc}")
+            return
+        txn = Txn(env, ltxn, dbs, write=True, path=self._path)
+        try:
+            undo(txn)
+        except Exception as undo_exc:
+            exc.add_note(f"taking back the transaction's other changes failed: {undo_exc}")
+        finally:
+            txn._closed = True
+            with contextlib.suppress(lmdb.Error):
+                ltxn.abort()
 
     def _begin(self, env: lmdb.Environment, *, write: bool) -> lmdb.Transaction[bytes]:
         try:
@@ -871,6 +905,14 @@ def _iter_records(txn: Txn) -> Iterator[_Record]:
 
 # --------------------------------------------------------------------------------------------
 # The operations (containerd's storage package)
+
+
+@_guard
+def last_id(txn: Txn) -> int:
+    """The last snapshot id handed out (0 for none yet): any id above it has
+    never been committed."""
+    raw = txn._use().get(_META_SEQUENCE, db=txn._meta)
+    return _U64.unpack(raw)[0] if raw is not None else 0
 
 
 @_guard

@@ -179,9 +179,10 @@ class OverlaySnapshotter:
             )
         support.check_overlay()
         self._root = os.path.abspath(os.fspath(root))
+        self._closed = False
         self._snapshots = os.path.join(self._root, "snapshots")
         self._trash = os.path.join(self._root, "trash")
-        with self._host_faults("open root"):
+        with self._host_faults("set up the root"):
             os.makedirs(self._root, mode=0o700, exist_ok=True)
             support.check_dtype(self._root)
             self._read_only = not _writable(self._root)
@@ -204,12 +205,13 @@ class OverlaySnapshotter:
         # busy-orphan checks: the mount table, parsed again only when it changed
         self._mounts = MountTableWatch()
         self._snapshots_real = os.path.realpath(self._snapshots)
-        self._closed = False
         self._trash_lock = threading.Lock()
 
     def _open_store(self, map_size: int, map_size_max: int) -> metastore.MetaStore:
         path = os.path.join(self._root, "metadata.db")
         while True:
+            if self._read_only and not os.path.exists(path):
+                self._check_writable("create the metadata store")
             ms = metastore.MetaStore(path, map_size=map_size, map_size_max=map_size_max,
                                      read_only=self._read_only)
             try:
@@ -250,7 +252,8 @@ class OverlaySnapshotter:
             raise UnavailableError(f"snapshotter at {self._root!r} is closed")
 
     def _check_writable(self, what: str) -> None:
-        self._check_open()
+        if self._closed:
+            raise UnavailableError(f"snapshotter at {self._root!r} is closed")
         if self._read_only:
             err = _faults.from_errno(errno.EROFS, what, self._root, root=self._root)
             assert err is not None
@@ -375,7 +378,10 @@ class OverlaySnapshotter:
         self._check_writable(what)
         check_labels(labels)
 
+        made: list[str] = []  # the id whose directory is in place, once it is
+
         def body(txn: metastore.Txn) -> metastore.Snapshot:
+            made.clear()
             if labels:
                 self._shared_target(txn, labels, parent)
             temp = tempfile.mkdtemp(prefix="new-", dir=self._snapshots)
@@ -392,6 +398,7 @@ class OverlaySnapshotter:
                 final = os.path.join(self._snapshots, snap.id)
                 self._claim(final)
                 _native.renameat2(temp, final, _native.RenameFlag.NOREPLACE)
+                made.append(snap.id)
             except BaseException:
                 # The rename is the last step, so the temp dir is still ours,
                 # and we still hold the lock: nobody else can be using it.
@@ -399,11 +406,19 @@ class OverlaySnapshotter:
                 raise
             return snap
 
+        def undo(txn: metastore.Txn) -> None:
+            # The commit failed after the rename (a full map or disk, a read-only
+            # filesystem).  Under the writer lock again: an id above the last one
+            # committed is nobody's, so its directory is ours to take back.  If it
+            # cannot go (read-only), it is an orphan for cleanup or the next create.
+            for sid in made:
+                if int(sid) > metastore.last_id(txn):
+                    with contextlib.suppress(OSError):
+                        _native.remove_tree(os.path.join(self._snapshots, sid))
+
         with self._host_faults(what):
             # A full map: the transaction is run again in a bigger one.
-            snap = self._ms.write(body)
-        # After the commit: a failed commit leaves <id> behind as an orphan,
-        # which cleanup (or the next create of that id) handles under the lock.
+            snap = self._ms.write(body, undo=undo)
         return compute_mounts(self._config, snap)
 
     def _claim(self, path: str) -> None:
@@ -525,11 +540,18 @@ class OverlaySnapshotter:
         """Under the write lock, move every orphan into the trash: O(1) each.
 
         Returns (orphans moved, busy orphans left in place as (path, errno)).
+        On a disk too full for an orphan's new name in the trash, that orphan
+        is deleted where it is instead (and counted as moved).
         """
+        moved, busy, in_place = self._collect()
+        return moved + in_place.directories, busy
+
+    def _collect(self) -> tuple[int, list[tuple[str, int]], CleanupReport]:
+        """collect_orphans: (moved to the trash, busy, what was deleted in place)."""
         self._check_writable("cleanup")
 
-        def body(txn: metastore.Txn) -> tuple[int, list[tuple[str, int]]]:
-            moved = 0
+        def body(txn: metastore.Txn) -> tuple[int, list[tuple[str, int]], CleanupReport]:
+            moved = gone = entries = size = 0
             busy: list[tuple[str, int]] = []
             live = set(metastore.id_map(txn))
             orphans = [e for e in os.listdir(self._snapshots) if e not in live]
@@ -555,13 +577,15 @@ class OverlaySnapshotter:
                     # No room for its new name in trash/ (a directory block): delete it
                     # where it is, under the lock.  Slower, but reclaiming is what a
                     # full disk needs, and the deletion itself needs no space.
-                    result = _native.remove_tree(path, threads=self._trash_threads)
+                    result = _native.remove_tree(path, threads=self._trash_threads,
+                                                 count_bytes=True)
+                    entries, size = entries + result.entries, size + result.bytes
                     if result.errors:
                         busy.extend((os.path.join(path, p), e) for p, e in result.errors)
                     else:
-                        moved += 1
+                        gone += 1
             # The txn only served as the lock: its commit writes nothing.
-            return moved, busy
+            return moved, busy, CleanupReport(gone, entries, size)
 
         with self._host_faults("cleanup"):
             return self._ms.write(body)
@@ -619,9 +643,10 @@ class OverlaySnapshotter:
     def cleanup(self, progress: Progress | None = None) -> CleanupReport:
         """Reclaim every orphan: move them to the trash under the lock, then
         delete the trash without it (the trash left by a crash included)."""
-        _, busy = self.collect_orphans()
+        _, busy, here = self._collect()
         report = self.empty_trash(progress)
-        return CleanupReport(report.directories, report.entries, report.bytes,
+        return CleanupReport(here.directories + report.directories,
+                             here.entries + report.entries, here.bytes + report.bytes,
                              (*busy, *report.busy))
 
     def store_stats(self) -> tuple[int, int]:
