@@ -24,6 +24,12 @@ How it keeps its promises:
   cleanup; a create that meets one under its own id moves it to the trash
   first).
 
+Faults of the host come out typed (:mod:`overlay._faults`): a full disk is
+ResourceExhaustedError, a read-only root ReadOnlyError (FAILED_PRECONDITION).
+A root whose filesystem is read-only at construction is opened read-only:
+reads work, every write is refused with ReadOnlyError.  The store is opened
+at construction, so a root whose store cannot be opened fails there.
+
 Several processes may share one root (the daemon and ``ovl --root``, say):
 LMDB's lock serialises their writers, and each trash entry is locked while it
 is deleted.  Within one process a root is opened once: a second

@@ -493,6 +493,23 @@ def test_a_daemon_cannot_start_on_a_read_only_root_without_a_store(
         assert not sock.exists()  # it never listened
 
 
+def test_a_daemon_whose_store_cannot_open_exits_before_listening(
+        tmpfs: Path, sockdir: Path) -> None:
+    root = tmpfs / "root"
+    for d in (root, root / "snapshots", root / "trash"):
+        d.mkdir()
+    (root / "metadata.db").write_bytes(b"not an lmdb file" * 1000)
+    sock = sockdir / "ovl.sock"
+    proc = subprocess.run([*SERVE, "--root", str(root), "--address", str(sock)],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 7, proc.stderr
+    db = str(root / "metadata.db")
+    assert proc.stderr.splitlines()[-1] == (
+        f"ovl: cannot open metastore {db!r}: {db}: MDB_INVALID: File is not an LMDB file: "
+        "unavailable")
+    assert not sock.exists()
+
+
 # --------------------------------------------------------------------------------------------
 # a full metadata map
 

@@ -7,7 +7,8 @@ import overlay
 EXPECTED = [
     "AlreadyExistsError", "CleanupReport", "FailedPreconditionError", "Info",
     "InvalidArgumentError", "Kind", "Mount", "NotFoundError", "OverlayError",
-    "OverlaySnapshotter", "RemoteSnapshotter", "Snapshotter", "UnavailableError",
+    "OverlaySnapshotter", "ReadOnlyError", "RemoteSnapshotter", "ResourceExhaustedError",
+    "Snapshotter", "UnavailableError",
     "UnimplementedError", "UnknownError", "UnsupportedError", "Usage", "mount_all",
     "unmount", "unmount_all",
 ]
