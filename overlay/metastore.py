@@ -403,8 +403,10 @@ class MetaStore:
         self._writer: int | None = None
         # Growing the map (set_mapsize) invalidates every transaction of the
         # process, so it waits until no read transaction is open and holds new
-        # ones back meanwhile: readers per thread, under _gate.
-        self._gate = threading.Condition(threading.Lock())
+        # ones back meanwhile: readers per thread, under _gate_lock (taken bare on the
+        # hot path: a read transaction costs one acquire and release more).
+        self._gate_lock = threading.Lock()
+        self._gate = threading.Condition(self._gate_lock)
         self._readers: dict[int, int] = {}
         self._resizing = False
 
@@ -649,7 +651,7 @@ class MetaStore:
 
     def _enter_read(self) -> int:
         me = threading.get_ident()
-        with self._gate:
+        with self._gate_lock:
             if self._resizing and not self._readers.get(me):
                 # (a thread already reading goes on: the resize waits for it anyway)
                 self._gate.wait_for(lambda: not self._resizing)
@@ -657,7 +659,7 @@ class MetaStore:
         return me
 
     def _leave_read(self, me: int) -> None:
-        with self._gate:
+        with self._gate_lock:
             left = self._readers[me] - 1
             if left:
                 self._readers[me] = left
