@@ -318,7 +318,8 @@ class OverlaySnapshotter:
     def _live_usage(self, key: str, sid: str) -> Usage:
         """Walk an active snapshot's layer (no lock held by the caller, ideally)."""
         try:
-            result = _native.disk_usage(self._upper(sid))
+            with self._host_faults(f"usage {key!r}"):
+                result = _native.disk_usage(self._upper(sid))
         except FileNotFoundError as exc:
             raise NotFoundError(f"snapshot {key!r}: its directory is gone ({exc})") from exc
         return Usage(result.entries, result.bytes)

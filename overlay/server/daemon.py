@@ -11,7 +11,7 @@ READY=1 and a listening socket mean it is open.  When it cannot be opened the
 daemon exits before listening, with ``ovl: <what is wrong>`` on stderr and the
 exit status of its kind (``ovl --help``): 5 for a store of another schema or a
 read-only root without a store yet, 7 for a store that cannot be opened
-(corrupt, locked, a missing directory), 8 when there is no room to create it.
+(not an LMDB file, say), 8 when there is no room to create it.
 
 A root on a read-only filesystem (mounted ``ro``, or turned read-only by the
 kernel after an error: ext4 ``errors=remount-ro``) is served read-only: we
