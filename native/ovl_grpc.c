@@ -124,6 +124,7 @@ struct ovl_grpc_server {
     int draining, stopped, accept_paused;
     int nlinger; /* lingering conns (the poller's) */
     int nping;   /* conns holding PING acknowledgements (the poller's) */
+    int doomed;  /* conns replaced by newcomers, to close after the events (the poller's) */
     nghttp2_option *options;
     struct conn *conns;
     uint64_t accepted, nconns, calls, pending, rejected, shed;
@@ -1045,25 +1046,58 @@ static void shed(struct ovl_grpc_server *s)
     pthread_mutex_unlock(&s->mu);
 }
 
-/* At max_connections (the poller): the connection a newcomer replaces, the
- * oldest of those that never opened a stream (a client that connects and
- * sends nothing, or only part of a preface), else the one idle longest;
- * NULL when every one has a stream open. */
-static struct conn *idle_victim(struct ovl_grpc_server *s)
+/* At max_connections (the poller): the connection a newcomer replaces,
+ * NULL when every one is doing real work.  In this order, oldest first in
+ * each class: one that has not opened a stream in NEW_GRACE_MS (a client
+ * that connects and sends nothing, or part of a preface); one whose every
+ * stream was refused and is still held open; one whose every request is
+ * still being received; one idle (a real client between calls: containerd's
+ * connection is idle most of the time, so it goes after those that only
+ * hold what they should not); one that has just connected (a real client
+ * opens its first stream within milliseconds: replacing it mid-handshake is
+ * the last resort).  Connections with a request queued, being handled or
+ * answered are never replaced, so holding unfinished or refused requests
+ * cannot lock new clients out. */
+#define NEW_GRACE_MS 250
+enum { NEVER_SERVED, ONLY_REFUSED, ONLY_RECEIVING, IDLE, JUST_CONNECTED, BUSY };
+
+static int conn_class(struct conn *c, int64_t now, int64_t *since)
+{
+    if (c->lingering || c->broken)
+        return BUSY;
+    if (!c->calls) {
+        *since = c->served ? c->idle_since : c->born;
+        if (c->served)
+            return IDLE;
+        return now - c->born >= NEW_GRACE_MS ? NEVER_SERVED : JUST_CONNECTED;
+    }
+    int receiving = 0;
+    *since = INT64_MAX;
+    for (struct call *call = c->calls; call; call = call->next) {
+        if (call->state == RECEIVING)
+            receiving = 1;
+        else if (!call->early)
+            return BUSY;
+        if (call->started < *since)
+            *since = call->started;
+    }
+    return receiving ? ONLY_RECEIVING : ONLY_REFUSED;
+}
+
+static struct conn *victim_for_newcomer(struct ovl_grpc_server *s)
 {
     struct conn *best = NULL;
-    int best_served = 0;
-    int64_t best_since = 0;
+    int best_class = BUSY;
+    int64_t best_since = 0, now = now_ms();
     for (struct conn *c = s->conns; c; c = c->next) {
+        int64_t since = 0;
         pthread_mutex_lock(&c->mu);
-        int idle = !c->calls && !c->lingering;
-        int served = c->served;
-        int64_t since = served ? c->idle_since : c->born;
+        int cls = conn_class(c, now, &since);
         pthread_mutex_unlock(&c->mu);
-        if (idle && (!best || served < best_served ||
-                     (served == best_served && since < best_since))) {
+        /* conns is newest first: on a tie (ms clock) the older connection goes */
+        if (cls < best_class || (cls == best_class && cls != BUSY && since <= best_since)) {
             best = c;
-            best_served = served;
+            best_class = cls;
             best_since = since;
         }
     }
@@ -1077,20 +1111,23 @@ static void accept_all(struct ovl_grpc_server *s)
     for (;;) {
         int fd = accept4(s->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd >= 0) {
-            if (s->nconns >= s->lim.max_connections) {
-                struct conn *victim = idle_victim(s);
+            if (s->nconns - s->doomed >= s->lim.max_connections) {
+                struct conn *victim = victim_for_newcomer(s);
                 shed(s);
                 if (!victim) {
-                    close(fd); /* all busy: the newcomer retries later */
+                    close(fd); /* all at work: the newcomer retries later */
                     continue;
                 }
+                /* closed after this round's events (poll_round): one of them
+                 * may still be the victim's */
                 pthread_mutex_lock(&victim->mu);
                 nghttp2_submit_goaway(victim->session, NGHTTP2_FLAG_NONE,
                                       nghttp2_session_get_last_proc_stream_id(victim->session),
                                       NGHTTP2_NO_ERROR, NULL, 0);
                 conn_flush(victim);
+                victim->broken = 1;
                 pthread_mutex_unlock(&victim->mu);
-                conn_close(victim);
+                s->doomed++;
             }
             conn_new(s, fd);
             continue;
@@ -1233,9 +1270,11 @@ static void poll_round(struct ovl_grpc_server *s, int timeout_ms)
             close(s->listen_fd);
             s->listen_fd = -1;
         }
-        drain_conns(s);
-    } else if (woken) {
-        /* a worker found a broken conn */
+        drain_conns(s); /* closes the broken ones too */
+        s->doomed = 0;
+    } else if (woken || s->doomed) {
+        /* a worker found a broken conn, or a newcomer replaced one */
+        s->doomed = 0;
         struct conn *c = s->conns;
         while (c) {
             struct conn *next = c->next;

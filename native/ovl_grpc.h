@@ -44,8 +44,10 @@ struct ovl_grpc_call {
  * calls and clients go on.  When the bytes of all unfinished requests would
  * pass max_buffer, the largest unfinished request of the connection holding
  * the most is refused first, if it is larger than the newcomer.  At
- * max_connections a new connection closes the oldest idle one (one that
- * never opened a stream first) or, with none idle, is closed itself. */
+ * max_connections a new connection replaces the oldest one that never opened
+ * a stream, else the one idle longest, else one that holds only refused or
+ * unfinished requests; when every one has a request queued, being handled or
+ * answered, it is closed itself. */
 struct ovl_grpc_limits {
     size_t max_message;           /* one request message, in bytes */
     uint32_t max_connections;     /* open at once */

@@ -403,9 +403,10 @@ class GrpcLimits:
     When all unfinished requests together would pass ``max_buffer_bytes``,
     the largest unfinished request of the connection holding the most is
     refused first, if it is larger than the newcomer.  At
-    ``max_connections`` a new connection replaces the oldest that never
-    opened a stream, else the one idle longest (GOAWAY), or is closed when
-    every one is busy.
+    ``max_connections`` a new connection replaces (GOAWAY) the oldest that
+    never opened a stream, else the one idle longest, else one holding only
+    refused or unfinished requests (so they cannot lock new clients out); it
+    is closed itself when every one has a request queued, handled or answered.
     """
 
     #: one request message (containerd's default gRPC limit)

@@ -33,6 +33,7 @@ from hyperframe.frame import (
 )
 
 from tests.integration.test_transport import (
+    BLOCK,
     ECHO,
     LONG,
     Env,
@@ -202,7 +203,10 @@ class Raw:
                     for sid in self.windows:
                         self.windows[sid] += initial - self.stream_window
                     self.stream_window = initial
-                self.send(bytes(SettingsFrame(0, flags=["ACK"]).serialize()))
+                try:
+                    self.send(bytes(SettingsFrame(0, flags=["ACK"]).serialize()))
+                except (BrokenPipeError, ConnectionResetError):
+                    self.closed = True  # closed by the server meanwhile
                 self.settled = True
             return
         if isinstance(frame, WindowUpdateFrame):
@@ -509,35 +513,71 @@ def test_connection_with_an_open_stream_is_not_idle(env: Env, raws: list[Raw]) -
 # ----------------------------------------------------------------------------- connections
 
 
-def test_connections_over_the_limit_replace_idle_ones(env: Env, raws: list[Raw]) -> None:
-    s = env.server(max_connections=4)
+def test_connections_over_the_limit_replace_silent_ones(env: Env, raws: list[Raw]) -> None:
+    """The probe's 2,000 connections that send nothing (or half a preface):
+    each newcomer replaces a silent one, the oldest first; a connection with
+    a call being handled is never replaced; a normal client gets in."""
+    s = env.server(max_connections=4, workers=2)
     busy = raw(raws, s.path)
-    held = partial(busy, 10, 1)  # a stream open: never replaced
-    assert wait_for(lambda: s.stats()["buffered"] > 0)
+    held = busy.request(grpc_headers(BLOCK))
+    assert wait_for(lambda: s.recorder.paths() == [BLOCK])
     silent = [raw(raws, s.path, preface=False) for _ in range(3)]
     assert wait_for(lambda: s.stats()["connections"] == 4)
-    # 2,000 connections that send nothing: each replaces the oldest silent one
-    for _ in range(20):
-        silent.append(raw(raws, s.path, preface=False))
+    time.sleep(0.3)  # past the grace a just-connected client gets (NEW_GRACE_MS)
+    for i in range(20):
+        newcomer = raw(raws, s.path, preface=False)
+        if i % 2:
+            newcomer.send(PREFACE[:10])
+        silent.append(newcomer)
     assert wait_for(lambda: s.stats()["connections"] <= 4)
+    assert all(old.pump(lambda old=old: old.closed) for old in silent[:3])  # type: ignore[misc]
     assert served(s.path)  # and a normal client gets in
     assert not busy.answered(held) and not busy.closed
-    busy.send(busy.data_frame(held, b"x" * 9, end_stream=True))
+    s.recorder.release.set()
     assert busy.pump(lambda: busy.answered(held))
+    assert busy.streams[held].data == prefixed(b"unblocked:raw")
     assert s.stats()["shed"] >= 20
 
 
-def test_connection_refused_when_every_one_is_busy(env: Env, raws: list[Raw]) -> None:
-    s = env.server(max_connections=2)
+def test_connections_holding_only_unfinished_or_refused_requests_are_replaced(
+        env: Env, raws: list[Raw]) -> None:
+    """Holding max_connections with requests never finished (or refused and
+    never ended) does not lock new clients out: each newcomer replaces the
+    oldest such connection."""
+    s = env.server(max_connections=3, max_header_bytes=200)
+    holders = [raw(raws, s.path) for _ in range(3)]
+    unfinished = [partial(h, 10, 1) for h in holders[:2]]
+    refused = holders[2].request(grpc_headers(ECHO, extra=[("x-big", "h" * 300)]), end=False)
+    assert holders[2].pump(lambda: holders[2].answered(refused))
+    assert wait_for(lambda: s.stats()["buffered"] >= 2 * HEADER_CHARGE)
+    # the first newcomer replaces the connection holding only a refused stream
+    assert served(s.path)
+    assert holders[2].pump(lambda: holders[2].closed)
+    assert not holders[0].closed and not holders[1].closed
+    # the next ones (with the limit filled up again) the oldest unfinished
+    for old in holders[:2]:
+        again = raw(raws, s.path)
+        partial(again, 10, 1)
+        assert wait_for(lambda: s.stats()["connections"] == 3)
+        assert served(s.path)
+        assert old.pump(lambda old=old: old.closed)  # type: ignore[misc]
+    assert unfinished and s.stats()["shed"] >= 3
+
+
+def test_connection_refused_when_every_one_is_at_work(env: Env, raws: list[Raw]) -> None:
+    """Connections whose requests are being handled are never replaced: at
+    max_connections a newcomer is closed, and those calls complete."""
+    s = env.server(max_connections=2, workers=3)
     busy = [raw(raws, s.path) for _ in range(2)]
-    held = [partial(b, 10, 1) for b in busy]
-    assert wait_for(lambda: s.stats()["buffered"] > 2 * HEADER_CHARGE)
+    held = [b.request(grpc_headers(BLOCK)) for b in busy]
+    assert wait_for(lambda: len(s.recorder.paths()) == 2)
     late = raw(raws, s.path)
-    assert late.pump(lambda: late.closed)
+    assert late.closed or late.pump(lambda: late.closed)
+    s.recorder.release.set()
     for b, sid in zip(busy, held, strict=True):
-        b.send(b.data_frame(sid, b"x" * 9, end_stream=True))
         assert b.pump(lambda b=b, sid=sid: b.answered(sid))  # type: ignore[misc]
-        assert b.streams[sid].data == prefixed(b"b" + b"x" * 9)
+        assert b.streams[sid].data == prefixed(b"unblocked:raw")
+    assert s.stats()["shed"] >= 1
 
 
 # ----------------------------------------------------------------------------- resets
