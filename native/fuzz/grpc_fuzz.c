@@ -1,7 +1,7 @@
 /* libFuzzer target: ovl_grpc's HTTP/2 + gRPC server, fed a client's bytes.
  *
- * Each input is one connection to a fresh server: a flags byte, then the
- * bytes a client sends.  The harness is the client and the worker at once,
+ * Each input is one connection to a fresh server: two flags bytes, then
+ * the bytes a client sends.  The harness is the client and the worker at once,
  * in one thread, so a run is deterministic: it writes the client's bytes a
  * frame at a time (or all at once) to a real unix socket, runs the server's
  * event loop (poll_round) until nothing moves, reads what the server sent
@@ -20,7 +20,7 @@
  * Time is virtual (clock_gettime below): it passes only when the server
  * would sleep in epoll_wait with nothing to do, so PING acknowledgements,
  * lingering closes and idle timeouts fire on the input's schedule, not the
- * machine's.  The flags byte:
+ * machine's.  The flags (the first byte, then the second):
  *
  *   bit 0     prepend the client connection preface
  *   bit 1     a small send buffer on the server's socket (partial writes, EPOLLOUT)
@@ -29,6 +29,10 @@
  *   bit 4     max_message 4 KiB instead of 16 MiB
  *   bits 5-6  the end: client EOF, client close, graceful shutdown, cut
  *   bit 7     calls are answered newest first, after each write
+ *   bit 8     during a graceful shutdown the client never hangs up (the
+ *             server's linger runs out)
+ *   bit 9     a graceful shutdown starts halfway through the input; the
+ *             client goes on sending the rest during it
  *
  * The worker's answer depends on the first byte of the request message
  * (see answer()).  Build: tests/fuzz/native.py (python -m tests.fuzz).
@@ -120,6 +124,8 @@ static const char PREFACE[] = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 #define PREFACE_LEN (sizeof PREFACE - 1)
 
 enum { END_EOF, END_CLOSE, END_DRAIN, END_CUT };
+#define STAY (1u << 8)        /* the client never hangs up during a drain */
+#define DRAIN_EARLY (1u << 9) /* the drain starts halfway through the input */
 
 /* What the server sent, checked frame by frame as it arrives. */
 struct peer {
@@ -198,7 +204,9 @@ struct session {
     struct ovl_grpc_call *held[MAX_HELD]; /* taken from ovl_grpc_next, not answered yet */
     int nheld;
     size_t max_message;
-    int lifo;
+    int lifo, stay;
+    const unsigned char *rest; /* what the client sends during a drain */
+    size_t rest_len;
     uint64_t handed, answered;
 };
 
@@ -330,8 +338,8 @@ static int work(struct session *s)
     for (;;) {
         struct ovl_grpc_stats st;
         ovl_grpc_stats(s->srv, &st);
-        if (st.pending <= (uint64_t)s->nheld + (uint64_t)ntaken)
-            break; /* nothing queued: ovl_grpc_next would poll */
+        if (st.calls == s->handed)
+            break; /* nothing queued (calls counts them as they queue): next would poll */
         struct ovl_grpc_call *call;
         CHECK(ovl_grpc_next(s->srv, &call) == 0, "ovl_grpc_next: %s", strerror(errno));
         check_call(s, call);
@@ -377,23 +385,36 @@ static void pump(struct session *s)
     }
 }
 
-/* Write data as the client; stops early if the server is gone. */
+/* Send what the socket takes of data, without running the server; the
+ * number of bytes sent.  The server gone (EPIPE), the client stops. */
+static size_t client_send(struct session *s, const unsigned char *data, size_t n)
+{
+    size_t sent = 0;
+    while (sent < n && !s->client_gone) {
+        ssize_t k = send(s->client, data + sent, n - sent, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (k > 0)
+            sent += (size_t)k;
+        else if (k < 0 && errno == EINTR)
+            continue;
+        else if (k < 0 && errno == EAGAIN)
+            break;
+        else
+            s->client_gone = 1; /* EPIPE, ECONNRESET: the server closed the connection */
+    }
+    return sent;
+}
+
+/* Write all of data as the client, running the server while the socket is full. */
 static void client_write(struct session *s, const unsigned char *data, size_t n)
 {
     while (n && !s->client_gone) {
-        ssize_t k = send(s->client, data, n, MSG_DONTWAIT | MSG_NOSIGNAL);
-        if (k > 0) {
-            data += k;
-            n -= (size_t)k;
-        } else if (k < 0 && errno == EAGAIN) {
+        size_t k = client_send(s, data, n);
+        data += k;
+        n -= k;
+        if (n) {
             pump(s); /* the server reads, the socket takes more */
-            if (s->client_eof) {
+            if (s->client_eof)
                 s->client_gone = 1;
-            }
-        } else if (k < 0 && errno == EINTR) {
-            continue;
-        } else {
-            s->client_gone = 1; /* EPIPE: the server closed the connection */
         }
     }
 }
@@ -436,10 +457,11 @@ static int connect_to(int lfd)
     return fd;
 }
 
-/* The drain's client, run whenever shutdown's event loop would sleep: it
+/* The drain's client, run whenever shutdown's event loop would wait: it
  * reads what the server sends, answers what is queued and held (a worker
- * running concurrently), and once nothing moves, hangs up as a client does
- * after GOAWAY. */
+ * running concurrently), sends the rest of its input a chunk at a time
+ * (a client that has not seen the GOAWAY yet), and once nothing moves
+ * hangs up, as a client does after GOAWAY (unless told to stay). */
 static struct session *draining;
 
 static int drain_hook(int idle)
@@ -449,9 +471,14 @@ static int drain_hook(int idle)
         client_drain(s);
         work(s);
         answer_held(s);
+        if (s->rest_len && !s->client_gone) {
+            size_t k = client_send(s, s->rest, next_chunk(s->rest, s->rest_len, 0));
+            s->rest += k;
+            s->rest_len -= k;
+        }
         return 0;
     }
-    if (s->client_gone)
+    if (s->client_gone || s->rest_len || s->stay)
         return 0;
     shutdown(s->client, SHUT_WR);
     s->client_gone = 1;
@@ -460,14 +487,15 @@ static int drain_hook(int idle)
 
 static void run(const uint8_t *data, size_t size)
 {
-    if (size == 0)
+    if (size < 2)
         return;
-    uint8_t flags = data[0];
-    data++;
-    size--;
+    unsigned flags = data[0] | (unsigned)data[1] << 8;
+    data += 2;
+    size -= 2;
     struct session s = {0};
     s.max_message = flags & 16 ? 4096 : 16 << 20;
     s.lifo = !!(flags & 128);
+    s.stay = !!(flags & STAY);
     fuzz_small_sndbuf = !!(flags & 2);
     int lfd = listener();
     s.client = connect_to(lfd);
@@ -475,13 +503,16 @@ static void run(const uint8_t *data, size_t size)
           strerror(errno));
     pump(&s); /* accept; the server's SETTINGS */
 
+    int end = (flags >> 5) & 3;
+    size_t before_end = end == END_DRAIN && (flags & DRAIN_EARLY) ? size / 2 : size;
     if (flags & 1)
         client_write(&s, (const unsigned char *)PREFACE, PREFACE_LEN);
-    while (size && !s.client_gone) {
-        size_t k = next_chunk(data, size, flags & 8);
+    while (before_end && !s.client_gone) {
+        size_t k = next_chunk(data, before_end, flags & 8);
         client_write(&s, data, k);
         data += k;
         size -= k;
+        before_end -= k;
         pump(&s);
         answer_held(&s); /* the calls put off until after this write */
         pump(&s);
@@ -491,17 +522,30 @@ static void run(const uint8_t *data, size_t size)
         }
     }
 
-    switch ((flags >> 5) & 3) {
+    switch (end) {
     case END_EOF:
         shutdown(s.client, SHUT_WR);
         pump(&s);
         break;
-    case END_CLOSE:
+    case END_CLOSE: {
+        /* some answers sit unread in the client's socket when it closes (the
+         * server's next read fails: ECONNRESET); the others come after it
+         * closed, before the server noticed (their send fails) */
+        int half = s.nheld / 2;
+        for (int i = 0; i < half; i++)
+            reply_checked(&s, s.held[i], 0, NULL, NULL, 0);
         close(s.client);
         s.client = -1;
+        s.client_gone = 1;
+        for (int i = half; i < s.nheld; i++)
+            reply_checked(&s, s.held[i], 0, NULL, NULL, 0);
+        s.nheld = 0;
         pump(&s);
         break;
+    }
     case END_DRAIN:
+        s.rest = data;
+        s.rest_len = size;
         draining = &s;
         fuzz_hook = drain_hook;
         ovl_grpc_shutdown(s.srv, 1000);

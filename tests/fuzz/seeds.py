@@ -2,8 +2,8 @@
 
     sudo .venv/bin/python -m tests.fuzz.seeds     # rewrites the corpus; commit it
 
-Two kinds of seeds, each a flags byte (native/fuzz/grpc_fuzz.c) then what a
-client sends on one connection:
+Two kinds of seeds, each two flags bytes (native/fuzz/grpc_fuzz.c) then what
+a client sends on one connection:
 
 * ``grpcio-*``: real byte streams of grpcio, our client (containerd's grpc-go
   sends the same frames), captured by a proxy between it and the real daemon
@@ -55,6 +55,8 @@ END_CLOSE = 1 << 5
 END_DRAIN = 2 << 5
 END_CUT = 3 << 5
 LIFO = 128
+STAY = 1 << 8
+DRAIN_EARLY = 1 << 9
 
 # the fuzz worker's answer, by the message's first byte (grpc_fuzz.c answer())
 OK_EMPTY, ECHO, BIG, ERROR, LATER, MANY = range(6)
@@ -176,6 +178,8 @@ def h2_seeds() -> dict[str, tuple[int, bytes]]:
                                              ("x-bin", "AAEC")]))
         .data(1, message(b"\x01t"), end=False)
         .headers(1, [("x-trailer", "1")], end=True))
+    add("pings-held", 0, Client()
+        .raw(b"".join(PingFrame(0, bytes([i]) * 8).serialize() for i in range(20))))
     add("pings", TIME_PASSES, Client()
         .frame(PingFrame(0, b"12345678")).frame(PingFrame(0, b"abcdefgh"))
         .call(1, "Stat", b"\x01p")
@@ -198,6 +202,8 @@ def h2_seeds() -> dict[str, tuple[int, bytes]]:
         .frame(RstStreamFrame(1, 8))
         .call(3, "Prepare", bytes([BIG, 10]))
         .frame(RstStreamFrame(3, 8)))
+    add("reset-while-queued", AT_ONCE, Client()
+        .call(1, "Stat", b"\x01q").frame(RstStreamFrame(1, 8)).call(3, "Stat", b"\x01r"))
     add("reset-mid-request", 0, Client()
         .headers(1, request_headers("Stat")).data(1, message(b"\x01abc")[:6], end=False)
         .frame(RstStreamFrame(1, 0)).call(3, "Stat", b"\x01ok"))
@@ -207,6 +213,20 @@ def h2_seeds() -> dict[str, tuple[int, bytes]]:
     add("drain-with-held-calls", END_DRAIN, Client()
         .call(1, "Stat", bytes([LATER])).call(3, "List", bytes([BIG, 6]))
         .call(5, "Stat", b"\x01"))
+    add("drain-early", END_DRAIN | DRAIN_EARLY, Client()
+        .call(1, "Stat", bytes([LATER])).call(3, "Stat", b"\x01")
+        .call(5, "List", bytes([BIG, 6])).call(7, "Stat", b"\x01late")
+        .frame(PingFrame(0, b"12345678")).frame(WindowUpdateFrame(0, 1 << 20))
+        .frame(WindowUpdateFrame(5, 1 << 20)))
+    add("drain-client-stays", END_DRAIN | STAY, Client()
+        .call(1, "Stat", bytes([LATER])).call(3, "Stat", b"\x01"))
+    # HPACK: one 4000-byte header in the dynamic table, then referenced 300
+    # times by its index: 1.2 MB of metadata from 4.5 KB on the wire
+    bomb = Encoder()
+    block = bomb.encode(request_headers("Stat", [("x-bomb", "b" * 4000)]))
+    add("hpack-metadata-bomb", 0, Client()
+        .frame(HeadersFrame(1, block + b"\xbe" * 300, flags={"END_HEADERS"}))
+        .data(1, message(b"\x01")))
     add("cut-with-held-calls", END_CUT, Client()
         .call(1, "Stat", bytes([LATER])).call(3, "List", bytes([BIG, 6])))
     add("close-with-held-calls", END_CLOSE, Client()
@@ -390,7 +410,7 @@ def main() -> None:
     for old in CORPUS.iterdir():
         old.unlink()
     for name, (flags, data) in sorted(seeds.items()):
-        (CORPUS / name).write_bytes(bytes([flags]) + data)
+        (CORPUS / name).write_bytes(flags.to_bytes(2, "little") + data)
     print(f"wrote {len(seeds)} seeds to {CORPUS}")
 
 
