@@ -398,7 +398,8 @@ static ssize_t read_body(nghttp2_session *session, int32_t stream_id, uint8_t *b
     size_t n = call->resp_len - call->resp_off;
     if (n > length)
         n = length;
-    memcpy(buf, call->resp + call->resp_off, n);
+    if (n) /* an empty body has no buffer: no offset into NULL */
+        memcpy(buf, call->resp + call->resp_off, n);
     call->resp_off += n;
     if (call->resp_off == call->resp_len) {
         nghttp2_nv ok[] = {NV("grpc-status", "0")};
