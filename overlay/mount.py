@@ -15,10 +15,12 @@ import contextlib
 import enum
 import errno
 import os
+import re
 import select
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from overlay import _native, support
 from overlay._native import MountAttr, MountFlag
@@ -326,20 +328,17 @@ class MountInfo:
         return tuple(paths)
 
 
+_OCTAL_ESCAPE: Final = re.compile(rb"\\([0-3][0-7][0-7])")
+
+
 def _unescape(field: str) -> str:
-    # mountinfo writes space, tab, newline and backslash as \ooo octal.
+    # mountinfo writes space, tab, newline and backslash (and, in superblock
+    # options, ',' and '=') as \ooo octal; nothing else is escaped, so any
+    # other backslash sequence is left as it is.
     if "\\" not in field:
         return field
-    out = bytearray()
     raw = field.encode("utf-8", "surrogateescape")
-    i = 0
-    while i < len(raw):
-        if raw[i] == 0x5C and i + 3 < len(raw) + 1 and raw[i + 1 : i + 4].isdigit():
-            out.append(int(raw[i + 1 : i + 4], 8))
-            i += 4
-        else:
-            out.append(raw[i])
-            i += 1
+    out = _OCTAL_ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]), raw)
     return out.decode("utf-8", "surrogateescape")
 
 
@@ -349,23 +348,32 @@ def _split_super(options: str) -> tuple[str, ...]:
     return tuple(_unescape(p) for p in options.split(",") if p)
 
 
-def _parse_table(text: str) -> list[MountInfo]:
-    rows = []
-    for line in text.splitlines():
-        parts = line.split(" ")
+def _parse_line(line: str) -> MountInfo:
+    parts = line.split(" ")
+    # ' - ' ends the optional fields; fstype, source and options follow it
+    try:
         sep = parts.index("-", 6)
-        rows.append(
-            MountInfo(
-                mount_id=int(parts[0]),
-                device=parts[2],
-                root=_unescape(parts[3]),
-                target=_unescape(parts[4]),
-                fstype=parts[sep + 1],
-                source=_unescape(parts[sep + 2]),
-                super_options=_split_super(parts[sep + 3]) if len(parts) > sep + 3 else (),
-            )
-        )
-    return rows
+    except ValueError:
+        raise ValueError(f"mountinfo line {line!r}: no ' - ' after six fields") from None
+    if len(parts) < sep + 3:
+        raise ValueError(f"mountinfo line {line!r}: fewer than two fields after ' - '")
+    return MountInfo(
+        mount_id=int(parts[0]),
+        device=parts[2],
+        root=_unescape(parts[3]),
+        target=_unescape(parts[4]),
+        fstype=_unescape(parts[sep + 1]),
+        source=_unescape(parts[sep + 2]),
+        super_options=_split_super(parts[sep + 3]) if len(parts) > sep + 3 else (),
+    )
+
+
+def _parse_table(text: str) -> list[MountInfo]:
+    """The rows of a mountinfo text; ValueError for a line the kernel would not write.
+
+    Lines end at a newline only: a path may hold a carriage return, a vertical
+    tab, U+0085 or U+2028 unescaped, where str.splitlines() would cut it."""
+    return [_parse_line(line) for line in text.split("\n") if line]
 
 
 def _read_all(fd: int) -> str:
