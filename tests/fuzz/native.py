@@ -38,7 +38,7 @@ RUN_FLAGS = ("-max_len=65536", "-timeout=10", "-rss_limit_mb=4096", "-use_value_
              "-print_final_stats=1")
 
 
-class ToolchainMissing(RuntimeError):
+class ToolchainMissingError(RuntimeError):
     """clang or its fuzzer/sanitizer runtimes are not installed."""
 
 
@@ -47,7 +47,7 @@ def clang() -> str:
         path = shutil.which(name)
         if path:
             return path
-    raise ToolchainMissing("clang is not installed (Debian 12: apt-get install clang-14 "
+    raise ToolchainMissingError("clang is not installed (Debian 12: apt-get install clang-14 "
                            "libclang-rt-14-dev; .ci/setup installs them)")
 
 
@@ -96,7 +96,7 @@ def build(target: str, *, coverage: bool = False) -> Path:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         missing = re.search(r"cannot find .*(fuzzer|asan|ubsan)|libclang_rt", proc.stderr)
-        err = ToolchainMissing if missing else RuntimeError
+        err = ToolchainMissingError if missing else RuntimeError
         raise err(f"building the {target} fuzz target failed: {' '.join(cmd)}\n{proc.stderr}")
     stamp.write_text(digest)
     return out
@@ -206,7 +206,7 @@ def _tool(name: str) -> str:
         path = shutil.which(candidate)
         if path:
             return path
-    raise ToolchainMissing(f"{name} is not installed (Debian 12: apt-get install llvm-14)")
+    raise ToolchainMissingError(f"{name} is not installed (Debian 12: apt-get install llvm-14)")
 
 
 def _asan_options() -> str:

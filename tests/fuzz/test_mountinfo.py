@@ -152,13 +152,13 @@ def test_real_mounts_with_line_breaking_characters(tmp_path: Path, privileged: N
     mount_table() raise (str.splitlines cut the line), cleanup's busy check
     with it."""
     names = {"cr": "a\rb", "nel": "c\x85d", "ls": "e\u2028f", "all": " \t\\,\r\x0b\x0c\x1c"}
-    targets = {}
+    targets: dict[str, str] = {}
     try:
         for key, name in names.items():
-            target = tmp_path / key / name
-            target.mkdir(parents=True)
-            _native.mount(f"src\x0b{key}", target, "tmpfs", 0, "size=1m")
-            targets[str(target)] = f"src\x0b{key}"
+            path = tmp_path / key / name
+            path.mkdir(parents=True)
+            _native.mount(f"src\x0b{key}", path, "tmpfs", 0, "size=1m")
+            targets[str(path)] = f"src\x0b{key}"
         found = {row.target: row.source for row in mount_table()
                  if row.target.startswith(str(tmp_path))}
         assert found == targets
