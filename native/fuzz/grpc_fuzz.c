@@ -26,7 +26,8 @@
  *   bit 1     a small send buffer on the server's socket (partial writes, EPOLLOUT)
  *   bit 2     60 ms pass between two client writes
  *   bit 3     the client writes everything at once instead of a frame at a time
- *   bit 4     max_message 4 KiB instead of 16 MiB
+ *   bit 4     small limits (a 4 KiB message, 1 KiB of headers, 4 streams,
+ *             100 ms per request...) instead of the daemon's defaults
  *   bits 5-6  the end: client EOF, client close, graceful shutdown, cut
  *   bit 7     calls are answered newest first, after each write
  *   bit 8     during a graceful shutdown the client never hangs up (the
@@ -493,14 +494,28 @@ static void run(const uint8_t *data, size_t size)
     data += 2;
     size -= 2;
     struct session s = {0};
-    s.max_message = flags & 16 ? 4096 : 16 << 20;
     s.lifo = !!(flags & 128);
     s.stay = !!(flags & STAY);
     fuzz_small_sndbuf = !!(flags & 2);
     int lfd = listener();
     s.client = connect_to(lfd);
-    CHECK(ovl_grpc_start(lfd, s.max_message, &s.srv) == 0, "ovl_grpc_start: %s",
-          strerror(errno));
+    /* the daemon's defaults (overlay._native.GrpcLimits), or limits small
+     * enough for an input of a few KiB to reach each of them */
+    struct ovl_grpc_limits limits = {
+        .max_message = 16 << 20, .max_connections = 512, .max_streams = 128,
+        .max_header_bytes = 64 << 10, .max_conn_header_bytes = 1 << 20,
+        .max_conn_buffer = 32 << 20, .max_buffer = 128 << 20,
+        .request_timeout_ms = 30000, .idle_timeout_ms = 600000,
+    };
+    if (flags & 16)
+        limits = (struct ovl_grpc_limits){
+            .max_message = 4096, .max_connections = 2, .max_streams = 4,
+            .max_header_bytes = 1024, .max_conn_header_bytes = 3072,
+            .max_conn_buffer = 12288, .max_buffer = 16384,
+            .request_timeout_ms = 100, .idle_timeout_ms = 200,
+        };
+    s.max_message = limits.max_message;
+    CHECK(ovl_grpc_start(lfd, &limits, &s.srv) == 0, "ovl_grpc_start: %s", strerror(errno));
     pump(&s); /* accept; the server's SETTINGS */
 
     int end = (flags >> 5) & 3;
