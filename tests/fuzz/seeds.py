@@ -14,6 +14,8 @@ a client sends on one connection:
   refuses, what it limits, flow control, PINGs, resets, GOAWAY, CONTINUATION,
   padding, trailers, many streams, protocol errors.
 
+The corpus also holds inputs libFuzzer found that add coverage (named by
+their sha1, from ``python -m tests.fuzz --merge``): this script keeps them.
 Needs root (the snapshotter checks overlayfs).
 """
 
@@ -407,7 +409,7 @@ def cancelled_capture(tmp: Path, grpc: object) -> bytes:
 def main() -> None:
     seeds = {**h2_seeds(), **grpcio_seeds()}
     CORPUS.mkdir(parents=True, exist_ok=True)
-    for old in CORPUS.iterdir():
+    for old in CORPUS.glob("*-*"):  # ours; libFuzzer's merges are named by their sha1
         old.unlink()
     for name, (flags, data) in sorted(seeds.items()):
         (CORPUS / name).write_bytes(flags.to_bytes(2, "little") + data)
