@@ -60,7 +60,7 @@ import re
 import string
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, Protocol, TypeAlias
 
 import re2
@@ -151,7 +151,9 @@ class Selector:
     fieldpath: tuple[str, ...]
     operator: Operator = Operator.PRESENT
     value: str = ""
-    pattern: Regexp | None = None
+    # made from value: two selectors are equal when their values are, whether
+    # or not RE2's compile cache handed both the same object
+    pattern: Regexp | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.fieldpath, tuple):
