@@ -379,6 +379,7 @@ def grpcio_seeds() -> dict[str, tuple[int, bytes]]:
 def cancelled_capture(tmp: Path, grpc: object) -> bytes:
     import grpc as g
 
+    from overlay._native import GrpcLimits
     from overlay.server.rpc import RpcServer
 
     release = threading.Event()
@@ -390,7 +391,7 @@ def cancelled_capture(tmp: Path, grpc: object) -> bytes:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(tmp / "slow.sock"))
     listener.listen(8)
-    server = RpcServer(listener, slow, workers=2, max_message=1 << 20)
+    server = RpcServer(listener, slow, workers=2, limits=GrpcLimits(max_message=1 << 20))
     server.start()
     try:
         with recording_proxy(str(tmp / "slow.sock"), str(tmp / "slow-proxy.sock")) as got:
