@@ -38,45 +38,12 @@ def require_privileges() -> None:
         pytest.skip(message)
 
 
-def _unescape(field: str) -> str:
-    # /proc/self/mountinfo escapes space, tab, newline and backslash as \ooo.
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) + 1 and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def mountinfo() -> list[dict[str, Any]]:
-    rows = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            parts = line.split()
-            sep = parts.index("-")
-            rows.append(
-                {
-                    "id": int(parts[0]),
-                    "target": _unescape(parts[4]),
-                    "options": parts[5],
-                    "fstype": parts[sep + 1],
-                    "source": _unescape(parts[sep + 2]),
-                    "super": parts[sep + 3] if len(parts) > sep + 3 else "",
-                }
-            )
-    return rows
-
-
 def mounts_under(root: Path) -> list[str]:
+    from overlay.mount import mount_table  # the fuzzed parser (tests/fuzz/test_mountinfo.py)
+
     prefix = str(root.resolve())
-    return [
-        m["target"]
-        for m in mountinfo()
-        if m["target"] == prefix or m["target"].startswith(prefix + "/")
-    ]
+    return [m.target for m in mount_table()
+            if m.target == prefix or m.target.startswith(prefix + "/")]
 
 
 def unmount_all_under(root: Path) -> None:

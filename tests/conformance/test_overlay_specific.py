@@ -20,7 +20,7 @@ import pytest
 
 from overlay import support
 from overlay.errors import AlreadyExistsError, InvalidArgumentError, UnavailableError
-from overlay.mount import Mount, OverlayStrategy
+from overlay.mount import Mount, OverlayStrategy, mount_table
 from overlay.overlayfs import OverlaySnapshotter
 from overlay.snapshots import LABEL_SNAPSHOT_REF, LABEL_UPPERDIR, Info, Kind
 from tests.conformance._support import (
@@ -34,7 +34,6 @@ from tests.conformance._support import (
     walk_all,
 )
 from tests.conformance.conftest import Backend, Env
-from tests.helpers import mountinfo
 
 pytestmark = pytest.mark.privileged
 
@@ -272,9 +271,9 @@ def test_relative_lowerdirs_on_legacy_mount(open_overlay: Opener, tmp_path: Path
     assert len(",".join(mounts[0].options)) > os.sysconf("SC_PAGESIZE")
     mp = env.work / "view"
     with mounted(mounts, mp, strategy=OverlayStrategy.LEGACY):
-        rows = [m for m in mountinfo() if m["target"] == str(mp)]
-        assert len(rows) == 1 and rows[0]["fstype"] == "overlay"
-        lower = next(o for o in rows[0]["super"].split(",") if o.startswith("lowerdir="))
+        rows = [m for m in mount_table() if m.target == str(mp)]
+        assert len(rows) == 1 and rows[0].fstype == "overlay"
+        lower = next(o for o in rows[0].super_options if o.startswith("lowerdir="))
         layers = lower.removeprefix("lowerdir=").split(":")
         assert len(layers) == 40
         assert all(not p.startswith("/") for p in layers), layers[:3]
