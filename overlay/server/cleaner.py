@@ -112,6 +112,7 @@ class DeferredCleanup:
         self._metrics.backlog_bytes.set(total)
 
     def _run(self) -> None:
+        reported: set[tuple[str, int]] = set()
         while not self._stop.is_set():
             self._wake.wait(self.RETRY_SECONDS)
             if self._stop.wait(self.BATCH_SECONDS):
@@ -122,8 +123,13 @@ class DeferredCleanup:
                 report = self.backend.empty_trash(stop=self._stop.is_set)
                 if self._metrics is not None:
                     self._metrics.reclaimed_bytes.inc(report.bytes)
-                for path, err in report.busy:
-                    log.warning("cleanup could not remove %s: %s", path, os.strerror(err))
+                # each entry once, not at every retry: a busy mount or a root
+                # gone read-only would otherwise repeat itself every minute
+                busy = set(report.busy)
+                for path, err in sorted(busy - reported):
+                    log.warning("cleanup could not remove %s: %s (retried every %g s)",
+                                path, os.strerror(err), self.RETRY_SECONDS)
+                reported = busy
                 self._measure()
             except Exception:
                 log.exception("emptying the trash failed; retrying later")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -275,3 +277,36 @@ def test_relative_layer_mounts_are_matched_to_their_own_root(tmpfs: Path) -> Non
     finally:
         a.close()
         b.close()
+
+
+def test_deferred_cleanup_warns_once_per_stuck_entry(tmp_path: Path, privileged: None,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """The daemon's trash thread retries what it cannot delete; it says so
+    once per entry, not at every retry (a root gone read-only, a busy mount)."""
+    from overlay.server.cleaner import DeferredCleanup
+
+    s = OverlaySnapshotter(tmp_path / "root")  # ext4: chattr works
+    d = DeferredCleanup(s)
+    d.RETRY_SECONDS = 0.05
+    try:
+        s.prepare("a")
+        frozen = upper(s, "a") / "frozen"
+        frozen.write_text("x")
+        subprocess.run(["chattr", "+i", str(frozen)], check=True)
+        s.remove("a")
+        try:
+            with caplog.at_level(logging.WARNING, logger="overlay.server.cleaner"):
+                d.cleanup()
+                time.sleep(1.0)  # ~10 retries
+            stuck = [r for r in caplog.records if "could not remove" in r.getMessage()]
+            assert len(stuck) == 1, [r.getMessage() for r in stuck]
+            assert stuck[0].getMessage().endswith("frozen: Operation not permitted "
+                                                  "(retried every 0.05 s)")
+        finally:
+            for p in (tmp_path / "root" / "trash").rglob("frozen"):
+                subprocess.run(["chattr", "-i", str(p)], check=True)
+        d.cleanup()
+        assert d.wait_idle(10)
+        assert dirs(s) == ([], [])
+    finally:
+        d.close()
