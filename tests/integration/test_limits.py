@@ -12,6 +12,7 @@ bounds its memory.
 
 from __future__ import annotations
 
+import random
 import socket
 import struct
 import time
@@ -625,3 +626,73 @@ def test_grpcio_sees_resource_exhausted_for_a_message_over_the_connection_budget
     assert "hold more than 1048576 bytes" in (info.value.details() or "")
     assert echo(ch, b"fits") == b"fits"
     assert wait_for(lambda: s.stats()["buffered"] == 0)
+
+
+# ----------------------------------------------------------------------------- all at once
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_clients_within_tiny_limits(env: Env, raws: list[Raw], seed: int) -> None:
+    """Many raw clients doing everything above at random -- opening and
+    closing connections past max_connections, unfinished, refused, reset and
+    completed requests, oversized headers, silence -- against tiny limits,
+    with the timeouts firing meanwhile.  Every limit holds at every step, a
+    normal client is served after each burst, and once everyone is gone
+    nothing is held.  (Run once under AddressSanitizer too: the eviction
+    code freed a conn still in use before this.)"""
+    rng = random.Random(seed)
+    limits = {"max_connections": 6, "max_streams": 8, "max_header_bytes": 512,
+              "max_connection_header_bytes": 2048, "max_connection_buffer_bytes": 64 << 10,
+              "max_buffer_bytes": 160 << 10, "request_timeout": 0.2, "idle_timeout": 0.3}
+    s = env.server(max_message=32 << 10, workers=3, **limits)
+    clients: list[Raw] = []
+    blocked = 0
+    for step in range(300):
+        action = rng.randrange(9)
+        live = [c for c in clients if not c.closed]
+        try:
+            if action == 0 or not live:
+                clients.append(raw(raws, s.path, preface=rng.random() < 0.9))
+            elif action == 1:
+                victim = rng.choice(live)
+                victim.close()
+                victim.closed = True
+            else:
+                c = rng.choice(live)
+                if action == 2:
+                    c.request(message=rng.randbytes(rng.randrange(100)))
+                elif action == 3:
+                    partial(c, rng.randrange(1, 32 << 10), rng.randrange(100))
+                elif action == 4:
+                    c.request(big_headers(1, rng.randrange(100, 1200)), end=rng.random() < 0.5)
+                elif action == 5:
+                    cancel_pairs(c, rng.randrange(1, 4))
+                elif action == 6:
+                    # one handler held at a time: with every worker held,
+                    # nobody would run the event loop (by design)
+                    block = not blocked and rng.random() < 0.1
+                    blocked += block
+                    c.request(grpc_headers(BLOCK if block else ECHO))
+                elif action == 7:
+                    c.pump(lambda: False, timeout=0.01)
+                else:
+                    time.sleep(rng.random() * 0.05)
+        except OSError:  # the server closed it (a limit): a client goes on
+            pass
+        st = s.stats()
+        assert st["buffered"] <= limits["max_buffer_bytes"], (seed, step, st)
+        # replaced connections close at the end of the poller's round
+        assert wait_for(lambda: s.stats()["connections"] <= limits["max_connections"]), (
+            seed, step, s.stats())
+        if step % 60 == 59:
+            s.recorder.release.set()
+            assert served(s.path), (seed, step)
+            assert wait_for(lambda: s.stats()["pending"] == 0)
+            s.recorder.release.clear()
+            blocked = 0
+    s.recorder.release.set()
+    for c in clients:
+        c.close()
+    assert wait_for(lambda: s.stats()["connections"] == 0 and s.stats()["buffered"] == 0)
+    assert wait_for(lambda: s.stats()["pending"] == 0)
+    assert served(s.path)
