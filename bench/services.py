@@ -1,4 +1,4 @@
-"""The six ways the daemon benchmarks (issues 4 and 8) reach a snapshotter.
+"""The seven ways the daemon benchmarks (issues 4 and 8) reach a snapshotter.
 
 * ``in-process``: an ``OverlaySnapshotter`` in the benchmark's own process;
 * ``daemon``: our daemon (``python -m overlay.cli serve``, log level info, as
@@ -11,6 +11,10 @@
   containerd's built-in overlayfs plugin always sets, asynchronous remove
   (Remove drops the record, Cleanup deletes the directories): the same
   deferred deletion as our daemon's, reclaimed between rounds the same way;
+* ``Go proxy, Remove deletes``: the same program exactly as PLUGINS.md
+  writes it (``overlay.NewSnapshotter(root)``, no options): Remove deletes
+  the directories itself, after listing every snapshot directory to find
+  what no record owns (containerd's ``cleanupDirectories``), in the call;
 * ``containerd → overlayfs``, ``containerd → ovl`` and ``containerd → Go
   proxy``: one private containerd 1.6 (as
   ``tests.integration.containerd_env.containerd_stack`` starts it, with the
@@ -108,6 +112,7 @@ CONTENDERS: tuple[Contender, ...] = (
     Contender("inproc", "in-process"),
     Contender("daemon", "daemon (unix socket)"),
     Contender("goproxy", "Go proxy (unix socket)"),
+    Contender("goproxy-docs", "Go proxy, Remove deletes (PLUGINS.md)"),
     Contender("ctd-overlayfs", f"containerd -> {BUILTIN} (built-in)"),
     Contender("ctd-ovl", f"containerd -> {PLUGIN} (our proxy)"),
     Contender("ctd-goproxy", f"containerd -> {GO_PLUGIN} (Go proxy)"),
@@ -169,8 +174,8 @@ class GoProxy:
 
 
 @contextlib.contextmanager
-def go_proxy(workdir: Path) -> Iterator[GoProxy]:
-    """``overlayproxy -async-remove`` on ``workdir/root`` (built once per
+def go_proxy(workdir: Path, *, async_remove: bool = True) -> Iterator[GoProxy]:
+    """``overlayproxy [-async-remove]`` on ``workdir/root`` (built once per
     source by ``tests.integration.gobuild``); stopped at exit.  Skips (fails
     under CI=true) without Go and Debian's Go packages."""
     gobuild.require_go()
@@ -182,7 +187,7 @@ def go_proxy(workdir: Path) -> Iterator[GoProxy]:
         with open(log, "wb") as out:
             process = subprocess.Popen(
                 [binary, "-root", str(workdir / "root"), "-address", str(sock),
-                 "-async-remove"],
+                 *(["-async-remove"] if async_remove else [])],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
         try:
             wait_for_socket(sock, process, "overlayproxy")
@@ -247,6 +252,7 @@ class Backends:
         self._inproc: OverlaySnapshotter | None = None
         self._daemon: Daemon | None = None
         self._go: GoProxy | None = None
+        self._go_docs: GoProxy | None = None
         self._stack: Stack | None = None
         self._stack_go: GoProxy | None = None
 
@@ -290,6 +296,11 @@ class Backends:
             work.mkdir()
             self._go = self._exit.enter_context(go_proxy(work))
             client = RemoteSnapshotter(str(self._go.sock), timeout=CALL_TIMEOUT)
+        elif contender == "goproxy-docs":
+            work = self.workdir / "goproxy-docs"
+            work.mkdir()
+            self._go_docs = self._exit.enter_context(go_proxy(work, async_remove=False))
+            client = RemoteSnapshotter(str(self._go_docs.sock), timeout=CALL_TIMEOUT)
         elif contender in CONTAINERD_CONTENDERS:
             stack = self._containerd()
             if contender == "ctd-goproxy" and self._stack_go is None:
@@ -315,6 +326,8 @@ class Backends:
             procs["ovl"] = self._daemon.process.pid
         if contender == "goproxy" and self._go is not None:
             procs["go"] = self._go.process.pid
+        if contender == "goproxy-docs" and self._go_docs is not None:
+            procs["go"] = self._go_docs.process.pid
         if contender in CONTAINERD_CONTENDERS and self._stack is not None:
             assert self._stack.containerd is not None and self._stack.daemon is not None
             procs["containerd"] = self._stack.containerd.pid
@@ -343,10 +356,11 @@ class Backends:
             assert self._daemon is not None
             self._clients[contender].cleanup()
             return self._settled(self._daemon.root, live)
-        if contender == "goproxy":
-            assert self._go is not None
+        if contender in ("goproxy", "goproxy-docs"):
+            go = self._go if contender == "goproxy" else self._go_docs
+            assert go is not None
             self._clients[contender].cleanup()
-            return self._settled(self._go.root, live)  # it has no trash: always 0
+            return self._settled(go.root, live)  # it has no trash: always 0
         # containerd's collector may leave the last removed snapshot or two for
         # its next run (a removal racing the run that was already going): so
         # also accept a backend that has stopped changing.

@@ -45,9 +45,10 @@ OPS = ("prepare", "commit", "remove", "stat", "walk")
 CYCLE_OPS = ("prepare", "commit", "stat", "remove")
 STRATEGIES = ("new-api", "legacy")
 SNAPSHOT_KINDS = ("view", "active")
-DAEMON_ORDER = ("inproc", "daemon", "goproxy", "ctd-overlayfs", "ctd-ovl", "ctd-goproxy")
+DAEMON_ORDER = ("inproc", "daemon", "goproxy", "goproxy-docs", "ctd-overlayfs", "ctd-ovl",
+                "ctd-goproxy")
 BUILTIN, PROXY = "ctd-overlayfs", "ctd-ovl"
-DAEMON, GO, CTD_GO = "daemon", "goproxy", "ctd-goproxy"
+DAEMON, GO, GO_DOCS, CTD_GO = "daemon", "goproxy", "goproxy-docs", "ctd-goproxy"
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,6 +340,8 @@ def _daemon(entries: Sequence[Entry], workload: str, fs: str) -> str | None:
     proxy = by_id.get(PROXY)
     pairs = [("our proxy vs the built-in overlayfs, through containerd", proxy, builtin),
              ("our daemon vs the Go proxy, directly", by_id.get(DAEMON), go_direct),
+             ("our daemon vs the Go proxy as PLUGINS.md writes it (Remove deletes), directly",
+              by_id.get(DAEMON), by_id.get(GO_DOCS)),
              ("our proxy vs the Go proxy, through containerd", proxy, go_ctd)]
     for what, ours, theirs in pairs:
         if ours is None or theirs is None:
