@@ -25,11 +25,9 @@ import pytest
 
 from overlay.client import RemoteSnapshotter
 from tests.helpers import wait_for_socket
-from tests.integration.test_daemon import sockdir, start, stop
+from tests.integration.test_daemon import start, stop
 from tests.integration.test_limits import Raw
 from tests.integration.test_transport import ECHO, grpc_headers
-
-__all__ = ["sockdir"]
 
 MIB = 1 << 20
 

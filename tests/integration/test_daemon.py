@@ -10,7 +10,6 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -26,18 +25,6 @@ from overlay.snapshots import Info
 from tests.helpers import wait_for_socket
 
 SERVE = [sys.executable, "-m", "overlay.cli", "serve"]
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    # unix socket paths are limited to 107 bytes: keep them short
-    d = Path(tempfile.mkdtemp(prefix="ovl-d-", dir="/tmp"))
-    try:
-        yield d
-    finally:
-        for p in d.iterdir():
-            p.unlink()
-        d.rmdir()
 
 
 def start(args: list[str]) -> subprocess.Popen[str]:

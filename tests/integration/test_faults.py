@@ -20,7 +20,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -226,18 +225,6 @@ def _map_sizes(config: Path | None) -> tuple[int, int]:
     """What the daemon would take from ``config``, for the in-process snapshotter."""
     cfg = load_config(str(config)) if config is not None else Config()
     return cfg.metadata_map_size, cfg.metadata_map_size_max
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    # unix socket paths are limited to 107 bytes: keep them short
-    d = Path(tempfile.mkdtemp(prefix="ovl-f-", dir="/tmp"))
-    try:
-        yield d
-    finally:
-        for p in d.iterdir():
-            p.unlink()
-        d.rmdir()
 
 
 @contextlib.contextmanager

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,9 +27,9 @@ from overlay.client import RemoteSnapshotter
 from overlay.snapshots import Info
 from tests.helpers import wait_for_socket
 from tests.integration.gobuild import GO_DIR, build, go, require_go
-from tests.integration.test_daemon import daemon, sockdir
+from tests.integration.test_daemon import daemon, stop
 
-__all__ = ["daemon", "sockdir"]  # fixtures reused from test_daemon
+__all__ = ["daemon"]  # a fixture reused from test_daemon
 
 RPCS = {"Prepare", "View", "Mounts", "Commit", "Remove", "Stat", "Update", "List", "Usage",
         "Cleanup"}
@@ -65,14 +64,8 @@ def overlayproxy(tmpfs: Path, sockdir: Path) -> Iterator[tuple[Path, Path]]:
         wait_for_socket(sock, proc, "overlayproxy")
         yield root, sock
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, err = proc.communicate()
-    assert proc.returncode == 0, err
+        code, err = stop(proc)
+    assert code == 0, err
 
 
 @pytest.fixture(params=["ovl", "containerd-overlay"])
