@@ -1,0 +1,124 @@
+"""Server CPU of List and Stat: our daemon and the Go proxy side by side (issue 8, item 5).
+
+``python -m bench.list_stat [--snapshots N] [--rounds R] [--labels K]``
+starts both servers (``ovl serve`` and containerd 1.6's overlay snapshotter
+over grpc-go, as :mod:`bench.services` does), gives each ``N`` committed
+snapshots (``K`` labels each, as containerd's inherited labels look), then
+runs ``R`` rounds alternating between the two, each round a batch of Lists
+and a batch of Stats through the same Python client.  Per round it reads
+the server's CPU time (every thread, ``/proc/<pid>/task/*/schedstat``) and
+the client's wall clock; it prints the medians and the ratios (> 1: ours
+costs less).  Measured, never asserted: the machine may be shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from bench.services import cpu_seconds, go_proxy, ovl_daemon
+from bench.workloads import walk_count
+from overlay.client import RemoteSnapshotter
+from overlay.snapshots import Info
+
+LISTS_PER_ROUND = 10
+STATS_PER_ROUND = 500
+
+
+def _labels(i: int, count: int) -> dict[str, str] | None:
+    if not count:
+        return None
+    # what containerd passes down to a proxy: inherited labels, a digest-sized value
+    return {f"containerd.io/snapshot/bench.{j}": f"sha256:{i:064x}" for j in range(count)}
+
+
+def _populate(sn: RemoteSnapshotter, n: int, labels: int) -> list[str]:
+    names = []
+    for i in range(n):
+        key = f"bench/{i}/sha256:{i:064x}"
+        sn.prepare(key, "", _labels(i, labels))
+        sn.commit(key + "@", key, _labels(i, labels))
+        names.append(key + "@")
+    return names
+
+
+def _measure(pid: int, op: Callable[[], object], times: int) -> tuple[float, float]:
+    """(server CPU seconds, client wall seconds) per call of ``op``."""
+    cpu0, t0 = cpu_seconds(pid), time.perf_counter()
+    for _ in range(times):
+        op()
+    wall, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
+    return cpu / times, wall / times
+
+
+@contextlib.contextmanager
+def _contenders(workdir: Path) -> Iterator[dict[str, tuple[int, RemoteSnapshotter]]]:
+    with contextlib.ExitStack() as stack:
+        (workdir / "ovl").mkdir()
+        (workdir / "go").mkdir()
+        ours = stack.enter_context(ovl_daemon(workdir / "ovl"))
+        go = stack.enter_context(go_proxy(workdir / "go"))
+        out = {}
+        for name, proc in (("ovl", ours), ("go", go)):
+            client = stack.enter_context(RemoteSnapshotter(str(proc.sock), timeout=120))
+            out[name] = (proc.process.pid, client)
+        yield out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.list_stat", description=__doc__)
+    ap.add_argument("--snapshots", type=int, default=1000)
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--labels", type=int, default=0)
+    ap.add_argument("--dir", default=None, help="work directory (default: a new one in /tmp)")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="ovl-liststat-", dir=args.dir) as tmp, \
+            _contenders(Path(tmp)) as contenders:
+        names: dict[str, list[str]] = {}
+        for name, (_, client) in contenders.items():
+            names[name] = _populate(client, args.snapshots, args.labels)
+            assert walk_count(client) == args.snapshots
+        results: dict[str, dict[str, list[float]]] = {
+            name: {"list_cpu": [], "list_wall": [], "stat_cpu": [], "stat_wall": []}
+            for name in contenders
+        }
+        for _ in range(args.rounds):
+            for name, (pid, client) in contenders.items():
+                infos: list[Info] = []
+
+                def list_all(client: RemoteSnapshotter = client,
+                             infos: list[Info] = infos) -> None:
+                    infos.clear()
+                    client.walk(infos.append)
+
+                cpu, wall = _measure(pid, list_all, LISTS_PER_ROUND)
+                assert len(infos) == args.snapshots
+                results[name]["list_cpu"].append(cpu / args.snapshots)
+                results[name]["list_wall"].append(wall)
+                keys = iter(names[name] * (STATS_PER_ROUND // len(names[name]) + 1))
+                cpu, wall = _measure(pid, lambda c=client, k=keys: c.stat(next(k)),
+                                     STATS_PER_ROUND)
+                results[name]["stat_cpu"].append(cpu)
+                results[name]["stat_wall"].append(wall)
+    med = {n: {k: statistics.median(v) for k, v in r.items()} for n, r in results.items()}
+    print(f"{args.snapshots} snapshots, {args.labels} labels each, {args.rounds} rounds "
+          f"({LISTS_PER_ROUND} Lists, {STATS_PER_ROUND} Stats each); medians")
+    print(f"{'':28}{'ovl':>12}{'go':>12}{'go/ovl':>9}")
+    rows = (("List: server CPU / snapshot", "list_cpu", 1e6, "us"),
+            ("List: client wall / call", "list_wall", 1e3, "ms"),
+            ("Stat: server CPU / call", "stat_cpu", 1e6, "us"),
+            ("Stat: client wall / call", "stat_wall", 1e6, "us"))
+    for label, key, scale, unit in rows:
+        ours, go = med["ovl"][key], med["go"][key]
+        print(f"{label:28}{ours * scale:>9.2f} {unit}{go * scale:>9.2f} {unit}{go / ours:>8.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
