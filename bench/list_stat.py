@@ -102,8 +102,12 @@ def main(argv: list[str] | None = None) -> int:
                 results[name]["list_cpu"].append(cpu / args.snapshots)
                 results[name]["list_wall"].append(wall)
                 keys = iter(names[name] * (STATS_PER_ROUND // len(names[name]) + 1))
-                cpu, wall = _measure(pid, lambda c=client, k=keys: c.stat(next(k)),
-                                     STATS_PER_ROUND)
+
+                def stat(client: RemoteSnapshotter = client,
+                         keys: Iterator[str] = keys) -> None:
+                    client.stat(next(keys))
+
+                cpu, wall = _measure(pid, stat, STATS_PER_ROUND)
                 results[name]["stat_cpu"].append(cpu)
                 results[name]["stat_wall"].append(wall)
     med = {n: {k: statistics.median(v) for k, v in r.items()} for n, r in results.items()}

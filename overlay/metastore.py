@@ -57,6 +57,18 @@ Environment and concurrency
   transaction may be opened while another is open on the same thread, e.g. a
   ``stat`` inside a ``walk`` callback.
 
+Reading
+-------
+A record decodes to the same ``Info`` whatever reads it, so each store
+keeps a memo of decoded records keyed by the record's stored bytes (its
+LMDB key and value): a record read again unchanged, in any transaction, is
+not decoded again.  A record that changed has other bytes, so nothing stale
+is ever served.  The ``Info`` objects handed out are shared and immutable
+(frozen, with read-only labels: copy them, ``dict(info.labels)``, to
+change them).  The memo holds :data:`MEMO_ENTRIES` records at most (the
+least recently used leave first) and no record longer than
+:data:`MEMO_RECORD_MAX` bytes.
+
 Schema (version 1)
 ------------------
 Three named sub-databases:
@@ -99,8 +111,9 @@ import mmap
 import os
 import struct
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import ParamSpec, TypeVar
 
 import lmdb
@@ -116,13 +129,15 @@ from overlay.errors import (
     UnavailableError,
     UnknownError,
 )
-from overlay.filters import info_adaptor
+from overlay.filters import ALWAYS, info_adaptor
 from overlay.filters import parse as parse_filters
 from overlay.snapshots import Info, Kind, Usage, check_labels, now_ns
 
 __all__ = [
     "DEFAULT_MAP_SIZE",
     "DEFAULT_MAP_SIZE_MAX",
+    "MEMO_ENTRIES",
+    "MEMO_RECORD_MAX",
     "MIN_MAP_SIZE",
     "SCHEMA_VERSION",
     "MetaStore",
@@ -164,6 +179,16 @@ _U64 = struct.Struct(">Q")
 _LINK = struct.Struct(">QQ")
 
 _INT64_MAX = (1 << 63) - 1
+
+#: Decoded records a store keeps, the least recently used leaving first (see
+#: "Reading" in the module docstring).
+MEMO_ENTRIES = 1 << 14
+#: Records longer than this (bytes) are decoded at every read, so that the
+#: memo's memory stays bounded (a record is ~100 bytes plus its labels).
+MEMO_RECORD_MAX = 16 << 10
+
+#: The labels of an Info without any (read-only, so one object serves all).
+_NO_LABELS: Mapping[str, str] = MappingProxyType({})
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -299,6 +324,7 @@ class Txn:
     __slots__ = (
         "_closed",
         "_env",
+        "_memo",
         "_meta",
         "_parents",
         "_path",
@@ -316,9 +342,11 @@ class Txn:
         *,
         write: bool,
         path: str,
+        memo: Callable[[bytes, bytes], _Entry],
     ) -> None:
         self._env = env
         self._txn = txn
+        self._memo = memo
         self._snapshots, self._parents, self._meta = dbs
         self._write = write
         self._path = path
@@ -352,6 +380,8 @@ class Txn:
 
 
 _Dbs = tuple[lmdb._Database, lmdb._Database, lmdb._Database]
+#: A decoded record: what get_info returns.
+_Entry = tuple[str, Info, Usage]
 
 #: The map a store starts with, and the most it grows to, unless told otherwise.
 DEFAULT_MAP_SIZE = 1 << 30
@@ -409,6 +439,8 @@ class MetaStore:
         self._gate = threading.Condition(self._gate_lock)
         self._readers: dict[int, int] = {}
         self._resizing = False
+        # (see "Reading" in the module docstring; lru_cache is thread-safe)
+        self._memo = functools.lru_cache(maxsize=MEMO_ENTRIES)(_decode_entry)
 
     @property
     def path(self) -> str:
@@ -515,7 +547,8 @@ class MetaStore:
                 yield txn
             return
         ltxn, me = self._begin_read(env)
-        txn = Txn(env, ltxn, dbs, write=False, path=self._path)
+        txn = Txn(env, ltxn, dbs, write=False, path=self._path,
+                  memo=self._memo)
         try:
             yield txn
         finally:
@@ -575,7 +608,7 @@ class MetaStore:
                     ltxn = self._begin(env, write=True)
                 except lmdb.Error as exc:
                     raise self._begin_error(exc) from exc
-                txn = Txn(env, ltxn, dbs, write=True, path=self._path)
+                txn = Txn(env, ltxn, dbs, write=True, path=self._path, memo=self._memo)
                 try:
                     yield txn
                 except BaseException as exc:
@@ -608,7 +641,7 @@ class MetaStore:
         except lmdb.Error as begin_exc:
             exc.add_note(f"could not take back the transaction's other changes: {begin_exc}")
             return
-        txn = Txn(env, ltxn, dbs, write=True, path=self._path)
+        txn = Txn(env, ltxn, dbs, write=True, path=self._path, memo=self._memo)
         try:
             undo(txn)
         except Exception as undo_exc:
@@ -839,14 +872,27 @@ def _decode(rkey: bytes, data: bytes) -> _Record:
 
 
 def _info(rec: _Record) -> Info:
+    # Read-only labels of their own: an Info may be shared (the memo).
     return Info(
         kind=rec.kind,
         name=rec.key,
         parent=rec.parent,
-        labels=dict(rec.labels),
+        labels=MappingProxyType(dict(rec.labels)) if rec.labels else _NO_LABELS,
         created_ns=rec.created_ns,
         updated_ns=rec.updated_ns,
     )
+
+
+def _decode_entry(rkey: bytes, data: bytes) -> _Entry:
+    rec = _decode(rkey, data)
+    return str(rec.id), _info(rec), Usage(rec.inodes, rec.size)
+
+
+def _entry(txn: Txn, rkey: bytes, data: bytes) -> _Entry:
+    """The stored record ``rkey`` → ``data`` decoded, through the store's memo."""
+    if len(data) > MEMO_RECORD_MAX:
+        return _decode_entry(rkey, data)
+    return txn._memo(rkey, data)
 
 
 # --------------------------------------------------------------------------------------------
@@ -863,6 +909,19 @@ def _load(txn: Txn, raw_key: bytes) -> _Record | None:
     if rec.key.encode() != raw_key:  # a sha256 collision between two long keys
         raise UnknownError(f"metastore record key clash for {raw_key[:64]!r}")
     return rec
+
+
+def _get_entry(txn: Txn, raw_key: bytes) -> _Entry | None:
+    """What :func:`_load` finds, decoded for reading (through the memo)."""
+    rkey = _record_key(raw_key)
+    data = txn._use().get(rkey, db=txn._snapshots)
+    if data is None:
+        return None
+    entry = _entry(txn, rkey, data)
+    # an inline key is its own record key: only a long one can clash
+    if len(raw_key) > _INLINE_KEY_MAX and entry[1].name.encode() != raw_key:
+        raise UnknownError(f"metastore record key clash for {raw_key[:64]!r}")
+    return entry
 
 
 def _store(txn: Txn, rec: _Record) -> None:
@@ -899,10 +958,11 @@ def _parent_ids(txn: Txn, parent: str, child: str) -> tuple[str, ...]:
     return tuple(ids)
 
 
-def _iter_records(txn: Txn) -> Iterator[_Record]:
+def _iter_entries(txn: Txn) -> Iterator[_Entry]:
+    memo = txn._memo
     with txn._use().cursor(db=txn._snapshots) as cur:
         for rkey, data in cur:
-            yield _decode(rkey, data)
+            yield memo(rkey, data) if len(data) <= MEMO_RECORD_MAX else _decode_entry(rkey, data)
 
 
 # --------------------------------------------------------------------------------------------
@@ -920,10 +980,10 @@ def last_id(txn: Txn) -> int:
 @_guard
 def get_info(txn: Txn, key: str) -> tuple[str, Info, Usage]:
     """The id, Info and stored Usage of ``key``; NotFound if absent."""
-    rec = _load(txn, _key(key))
-    if rec is None:
+    entry = _get_entry(txn, _key(key))
+    if entry is None:
         raise NotFoundError(f"snapshot {key!r}")
-    return str(rec.id), _info(rec), Usage(rec.inodes, rec.size)
+    return entry
 
 
 @_guard
@@ -1121,14 +1181,14 @@ def walk_info(txn: Txn, fn: Callable[[Info], None], *filters: str) -> None:
     the store through the same transaction.
     """
     flt = parse_filters(*filters)
+    infos: Iterable[Info] = (info for _, info, _ in _iter_entries(txn))
+    if flt is not ALWAYS:  # (no adaptor per snapshot when everything matches)
+        match = flt.match
+        infos = (info for info in infos if match(info_adaptor(info)))
     if txn.write:
-        for info in [i for i in map(_info, _iter_records(txn)) if flt.match(info_adaptor(i))]:
-            fn(info)
-        return
-    for rec in _iter_records(txn):
-        info = _info(rec)
-        if flt.match(info_adaptor(info)):
-            fn(info)
+        infos = list(infos)
+    for info in infos:
+        fn(info)
 
 
 @_guard
@@ -1137,7 +1197,7 @@ def children(txn: Txn, parent: str) -> list[Info]:
     (no scan); ``""`` gives every snapshot without a parent (a scan).  An
     unknown parent has none."""
     if not parent:
-        return [_info(rec) for rec in _iter_records(txn) if not rec.parent]
+        return [info for _, info, _ in _iter_entries(txn) if not info.parent]
     prec = _load(txn, _key(parent, "parent"))
     if prec is None:
         return []
@@ -1151,16 +1211,16 @@ def children(txn: Txn, parent: str) -> list[Info]:
                 keys.append(bytes(child))
     out = []
     for raw in keys:
-        rec = _load(txn, raw)
-        if rec is not None:
-            out.append(_info(rec))
+        entry = _get_entry(txn, raw)
+        if entry is not None:
+            out.append(entry[1])
     return out
 
 
 @_guard
 def id_map(txn: Txn) -> dict[str, str]:
     """Every snapshot's id mapped to its key (empty for an empty store)."""
-    return {str(rec.id): rec.key for rec in _iter_records(txn)}
+    return {sid: info.name for sid, info, _ in _iter_entries(txn)}
 
 
 @_guard

@@ -337,12 +337,18 @@ class OverlaySnapshotter:
         ends, so ``fn`` may call anything (stat, prepare, remove).
         """
         self._check_open()
+        if not self._upperdir_label:
+            infos: list[Info] = []
+            with self._ms.transaction(write=False) as txn:
+                metastore.walk_info(txn, infos.append, *filters)
+            for info in infos:
+                fn(info)
+            return
         found: list[tuple[str, Info]] = []
         with self._ms.transaction(write=False) as txn:
 
             def collect(info: Info) -> None:
-                sid = metastore.get_info(txn, info.name)[0] if self._upperdir_label else ""
-                found.append((sid, info))
+                found.append((metastore.get_info(txn, info.name)[0], info))
 
             metastore.walk_info(txn, collect, *filters)
         for sid, info in found:

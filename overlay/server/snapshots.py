@@ -36,11 +36,12 @@ import logging
 import os
 import socket
 import stat
+import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 import grpc
 from google.protobuf import empty_pb2
@@ -69,6 +70,7 @@ __all__ = [
     "MAX_MESSAGE_SIZE",
     "NAMESPACE_HEADER",
     "SERVICE_NAME",
+    "InfoWire",
     "Observer",
     "SnapshotsService",
     "SnapshotsServicer",
@@ -126,13 +128,12 @@ def method_path(method: str) -> str:
 # ----------------------------------------------------------------------------- conversions
 
 
+_KIND_TO_PROTO: Final[Mapping[Kind, pb.Kind]] = {Kind.ACTIVE: pb.ACTIVE, Kind.VIEW: pb.VIEW}
+
+
 def kind_to_proto(kind: Kind) -> pb.Kind:
     """ACTIVE and VIEW as such; everything else (UNKNOWN too) is COMMITTED (SPEC §1.1)."""
-    if kind is Kind.ACTIVE:
-        return pb.ACTIVE
-    if kind is Kind.VIEW:
-        return pb.VIEW
-    return pb.COMMITTED
+    return _KIND_TO_PROTO.get(kind, pb.COMMITTED)
 
 
 def kind_from_proto(kind: int) -> Kind:
@@ -149,21 +150,27 @@ def ns_from_timestamp(ts: Any) -> int:
     return int(ts.seconds) * 1_000_000_000 + int(ts.nanos)
 
 
+def _fill_info(msg: pb.Info, kind: Kind, name: str, parent: str,
+               labels: Iterable[tuple[str, str]], created_ns: int, updated_ns: int) -> None:
+    msg.name = name
+    msg.parent = parent
+    msg.kind = kind_to_proto(kind)
+    for key, value in labels:
+        msg.labels[key] = value
+    # Set explicitly: a zero timestamp must still go on the wire (containerd
+    # 1.6 decodes them as non-nullable); SetInParent marks it present.
+    for ts, ns in ((msg.created_at, created_ns), (msg.updated_at, updated_ns)):
+        ts.SetInParent()
+        ts.seconds, ts.nanos = divmod(ns, 1_000_000_000)
+
+
 def info_to_proto(info: Info, msg: pb.Info | None = None) -> pb.Info:
     """An ``Info`` message with both timestamps always present; filled in
     place when ``msg`` is given (a repeated field's new element)."""
     if msg is None:
         msg = pb.Info()
-    msg.name = info.name
-    msg.parent = info.parent
-    msg.kind = kind_to_proto(info.kind)
-    if info.labels:
-        msg.labels.update(info.labels)
-    # Set explicitly: a zero timestamp must still go on the wire (containerd
-    # 1.6 decodes them as non-nullable); SetInParent marks it present.
-    for ts, ns in ((msg.created_at, info.created_ns), (msg.updated_at, info.updated_ns)):
-        ts.SetInParent()
-        ts.seconds, ts.nanos = divmod(ns, 1_000_000_000)
+    _fill_info(msg, info.kind, info.name, info.parent,
+               info.labels.items() if info.labels else (), info.created_ns, info.updated_ns)
     return msg
 
 
@@ -176,6 +183,71 @@ def info_from_proto(msg: pb.Info) -> Info:
         created_ns=ns_from_timestamp(msg.created_at),
         updated_ns=ns_from_timestamp(msg.updated_at),
     )
+
+
+class _Encoded:
+    """A response already serialized: all :func:`~overlay.server.rpc.frame`
+    asks of a message."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def SerializeToString(self) -> bytes:  # noqa: N802 (protobuf's name)
+        return self._data
+
+
+class InfoWire:
+    """Infos as their wire form in a response, memoized by value.
+
+    ``StatSnapshotResponse``, ``UpdateSnapshotResponse`` and
+    ``ListSnapshotsResponse`` all carry their Info as field 1 (pinned by
+    tests/unit/test_proto_wire.py), so one encoding of ``info = 1`` is the
+    whole of the first two, and a List message is its infos' encodings one
+    after the other (protobuf: concatenated messages merge, a repeated field
+    appending).  Encoded with sorted map entries (``deterministic``), as
+    gogo's marshaller writes them.
+
+    The memo is keyed by every field of the Info (labels in their order), so
+    an Info equal to one seen before, from any backend, gets the bytes it
+    would be encoded to again, and one that differs in anything is encoded
+    anew: a stale encoding is never sent.  It holds :attr:`ENTRIES` at most
+    (the oldest leave first) and nothing over :attr:`MAX_BYTES` long.
+    """
+
+    ENTRIES: Final = 1 << 14
+    MAX_BYTES: Final = 16 << 10
+
+    def __init__(self) -> None:
+        self._memo: dict[tuple[Any, ...], bytes] = {}
+        self._lock = threading.Lock()
+
+    def _encode(self, key: tuple[Any, ...]) -> bytes:
+        msg = pb.StatSnapshotResponse()
+        _fill_info(msg.info, *key)
+        data = msg.SerializeToString(deterministic=True)
+        if len(data) <= self.MAX_BYTES:
+            with self._lock:  # (lookups need no lock: one dict operation each)
+                if len(self._memo) >= self.ENTRIES:
+                    del self._memo[next(iter(self._memo))]
+                self._memo[key] = data
+        return data
+
+    def encode(self, info: Info) -> bytes:
+        """``info`` as field 1 of a response."""
+        return self.encode_all((info,))[0]
+
+    def encode_all(self, infos: Iterable[Info]) -> list[bytes]:
+        """Each of ``infos`` as field 1 of a response, in order."""
+        get, encode = self._memo.get, self._encode
+        out = []
+        for i in infos:
+            key = (i.kind, i.name, i.parent, tuple(i.labels.items()) if i.labels else (),
+                   i.created_ns, i.updated_ns)
+            data = get(key)
+            out.append(encode(key) if data is None else data)
+        return out
 
 
 def mount_to_proto(m: Mount) -> mount_pb2.Mount:
@@ -276,6 +348,7 @@ class SnapshotsServicer:
 
     def __init__(self, backend: Snapshotter) -> None:
         self.backend = backend
+        self._wire = InfoWire()
 
     def Prepare(self, request: pb.PrepareSnapshotRequest) -> pb.PrepareSnapshotResponse:  # noqa: N802
         mounts = self.backend.prepare(request.key, request.parent, _labels(request.labels))
@@ -297,25 +370,23 @@ class SnapshotsServicer:
         self.backend.remove(request.key)
         return empty_pb2.Empty()
 
-    def Stat(self, request: pb.StatSnapshotRequest) -> pb.StatSnapshotResponse:  # noqa: N802
-        return pb.StatSnapshotResponse(info=info_to_proto(self.backend.stat(request.key)))
+    def Stat(self, request: pb.StatSnapshotRequest) -> _Encoded:  # noqa: N802
+        """A ``StatSnapshotResponse``, serialized."""
+        return _Encoded(self._wire.encode(self.backend.stat(request.key)))
 
-    def Update(self, request: pb.UpdateSnapshotRequest) -> pb.UpdateSnapshotResponse:  # noqa: N802
+    def Update(self, request: pb.UpdateSnapshotRequest) -> _Encoded:  # noqa: N802
+        """An ``UpdateSnapshotResponse``, serialized."""
         info = info_from_proto(request.info)
         updated = self.backend.update(info, *request.update_mask.paths)
-        return pb.UpdateSnapshotResponse(info=info_to_proto(updated))
+        return _Encoded(self._wire.encode(updated))
 
-    def List(self, request: pb.ListSnapshotsRequest) -> list[pb.ListSnapshotsResponse]:  # noqa: N802
-        # Built in place, LIST_BATCH infos per message (no copies).
-        responses: list[pb.ListSnapshotsResponse] = []
-
-        def add(info: Info) -> None:
-            if not responses or len(responses[-1].info) == LIST_BATCH:
-                responses.append(pb.ListSnapshotsResponse())
-            info_to_proto(info, responses[-1].info.add())
-
-        self.backend.walk(add, *request.filters)
-        return responses
+    def List(self, request: pb.ListSnapshotsRequest) -> list[_Encoded]:  # noqa: N802
+        """The ``ListSnapshotsResponse`` messages, serialized: LIST_BATCH infos each."""
+        infos: list[Info] = []
+        self.backend.walk(infos.append, *request.filters)
+        wire = self._wire.encode_all(infos)
+        return [_Encoded(b"".join(wire[i : i + LIST_BATCH]))
+                for i in range(0, len(wire), LIST_BATCH)]
 
     def Usage(self, request: pb.UsageRequest) -> pb.UsageResponse:  # noqa: N802
         usage = self.backend.usage(request.key)
@@ -341,7 +412,7 @@ Observer = Callable[[str, str, float], None]
 class _Method:
     name: str
     request_type: type[Message]
-    fn: Callable[[Any], Message | list[Any]]
+    fn: Callable[[Any], Message | _Encoded | list[Any]]
 
 
 def _parse(request_type: type[_Req], data: bytes) -> _Req:
@@ -411,7 +482,9 @@ class SnapshotsService:
         try:
             with _headers(call.metadata):
                 response = method.fn(_parse(method.request_type, call.message))
-            body = frame(response if isinstance(response, list) else (response,))
+            replies = response if isinstance(response, list) else [response]
+            # (frame asks nothing of a message but SerializeToString)
+            body = frame(cast("list[Message]", replies))
             code, message = grpc.StatusCode.OK, ""
         except Exception as exc:  # every exception is answered by the table
             code, message = to_status(exc)
