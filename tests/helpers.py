@@ -125,3 +125,29 @@ def wait_for_socket(path: Path, proc: subprocess.Popen[Any], name: str,
                     pass
         time.sleep(0.05)
     raise AssertionError(f"{name} did not listen on {path} within {timeout:g}s")
+
+
+#: One stored snapshot as plain values: (id, kind, name, parent, labels,
+#: created_ns, updated_ns, inodes, size).
+Record = tuple[str, int, str, str, dict[str, str], int, int, int, int]
+
+
+def read_store(path: str) -> list[Record]:
+    """Every snapshot of the metastore file ``path``, in walk order, read by a
+    ``MetaStore`` of its own.  Run in another process (``spawn``), while the
+    caller keeps its store open: what a fresh decode of the file gives."""
+    from overlay import metastore
+
+    store = metastore.MetaStore(path)
+    try:
+        with store.transaction() as txn:
+            names: list[str] = []
+            metastore.walk_info(txn, lambda info: names.append(info.name))
+            out: list[Record] = []
+            for name in names:
+                sid, i, usage = metastore.get_info(txn, name)
+                out.append((sid, int(i.kind), i.name, i.parent, dict(i.labels), i.created_ns,
+                            i.updated_ns, usage.inodes, usage.size))
+            return out
+    finally:
+        store.close()

@@ -5,6 +5,7 @@ Every test works on real LMDB files under its own ``tmp_path``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import multiprocessing
 import os
 import signal
@@ -27,6 +28,7 @@ from overlay.errors import (
 )
 from overlay.metastore import MetaStore, Snapshot, Txn
 from overlay.snapshots import MAX_LABEL_BYTES, Info, Kind, Usage
+from tests.helpers import Record, read_store
 
 Dump = dict[str, list[tuple[bytes, bytes]]]
 
@@ -1254,3 +1256,119 @@ def test_children_follow_the_back_links(store: MetaStore) -> None:
         assert [i.name for i in ms.children(txn, "C1")] == ["deeper"]
         assert ms.children(txn, "deeper") == []
         assert ms.children(txn, "missing") == []
+
+
+# --------------------------------------------------------------------------------------------
+# Reading through the memo: never stale, never mutable
+
+
+@pytest.fixture(scope="module")
+def fresh_reader() -> Iterator[concurrent.futures.ProcessPoolExecutor]:
+    """A process of its own (spawned once) to read a store with a cold memo."""
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=_spawn()) as pool:
+        yield pool
+
+
+def _read_warm(store: MetaStore) -> list[Record]:
+    """What ``store`` reads now, through its memo: the walk, then each snapshot by key."""
+    with store.transaction() as txn:
+        walked: list[Info] = []
+        ms.walk_info(txn, walked.append)
+        out: list[Record] = []
+        for w in walked:
+            sid, i, usage = ms.get_info(txn, w.name)
+            assert i == w
+            out.append((sid, int(i.kind), i.name, i.parent, dict(i.labels), i.created_ns,
+                        i.updated_ns, usage.inodes, usage.size))
+        assert ms.id_map(txn) == {r[0]: r[2] for r in out}
+        assert sorted(i.name for i in ms.children(txn, "")) == sorted(
+            r[2] for r in out if not r[3])
+        for r in out:
+            assert sorted(i.name for i in ms.children(txn, r[2])) == sorted(
+                c[2] for c in out if c[3] == r[2])
+        return out
+
+
+def test_reads_after_changes_equal_a_fresh_decode(
+    store: MetaStore, fresh_reader: concurrent.futures.ProcessPoolExecutor
+) -> None:
+    long_key = "long/" + "k" * 600  # stored under a hashed record key, full key inside
+    big = {f"big.{i}": "v" * 4000 for i in range(6)}  # a record past MEMO_RECORD_MAX
+    assert sum(len(k) + len(v) for k, v in big.items()) > ms.MEMO_RECORD_MAX
+
+    def check() -> None:
+        warm = _read_warm(store)
+        assert warm == _read_warm(store)  # read twice: the second from the memo
+        assert warm == fresh_reader.submit(read_store, store.path).result(timeout=120)
+
+    with store.transaction(write=True) as txn:
+        ms.create_snapshot(txn, Kind.ACTIVE, "base", labels={"a": "1", "b": "2"})
+        ms.commit_active(txn, "base", "base@", Usage(3, 4096), {"a": "1", "b": "2"})
+        for i in range(20):
+            ms.create_snapshot(txn, Kind.ACTIVE, f"k{i}", "base@", labels={"n": str(i % 3)})
+        ms.create_snapshot(txn, Kind.VIEW, "view", "base@", labels={"a": "1"})
+        ms.create_snapshot(txn, Kind.ACTIVE, long_key, labels={"n": "0"})
+        ms.create_snapshot(txn, Kind.ACTIVE, "big", labels=big)
+    check()
+    # labels: replaced, one set, one deleted; Updated moves
+    with store.transaction(write=True) as txn:
+        ms.update_info(txn, Info(Kind.ACTIVE, "k0", labels={"x": "y"}))
+        ms.update_info(txn, Info(Kind.ACTIVE, "k1", labels={"n": "9"}), "labels.n")
+        ms.update_info(txn, Info(Kind.ACTIVE, "k2"), "labels.n")
+        ms.update_info(txn, Info(Kind.ACTIVE, long_key, labels={"n": "1"}))
+        ms.update_info(txn, Info(Kind.ACTIVE, "big", labels={**big, "big.0": "w" * 4000}))
+    check()
+    # commits: the key goes, the name comes with the id kept and new labels
+    with store.transaction(write=True) as txn:
+        for i in range(0, 20, 2):
+            ms.commit_active(txn, f"k{i}", f"k{i}@", Usage(i, i * 10), {"c": str(i)})
+        ms.commit_active(txn, long_key, long_key + "@", Usage(1, 1), {"n": "0"})
+    check()
+    # removes, then the same keys again with the same labels: new ids and times
+    with store.transaction(write=True) as txn:
+        for i in range(1, 20, 2):
+            ms.remove(txn, f"k{i}")
+        ms.remove(txn, "view")
+    check()
+    with store.transaction(write=True) as txn:
+        for i in range(1, 20, 2):
+            ms.create_snapshot(txn, Kind.ACTIVE, f"k{i}", "base@", labels={"n": str(i % 3)})
+        ms.create_snapshot(txn, Kind.VIEW, "view", "base@", labels={"a": "1"})
+    check()
+
+
+def test_reads_inside_a_write_transaction_see_its_changes(store: MetaStore) -> None:
+    with store.transaction(write=True) as txn:
+        ms.create_snapshot(txn, Kind.ACTIVE, "a", labels={"x": "1"})
+    with store.transaction() as txn:
+        ms.get_info(txn, "a")  # in the memo now
+    with pytest.raises(RuntimeError), store.transaction(write=True) as txn:
+        updated = ms.update_info(txn, Info(Kind.ACTIVE, "a", labels={"x": "2"}))
+        assert ms.get_info(txn, "a")[1] == updated
+        walked: list[Info] = []
+        ms.walk_info(txn, walked.append)
+        assert walked == [updated]
+        assert updated.labels == {"x": "2"}
+        raise RuntimeError("abort")
+    with store.transaction() as txn:
+        assert ms.get_info(txn, "a")[1].labels == {"x": "1"}
+
+
+def test_infos_handed_out_cannot_be_changed(store: MetaStore) -> None:
+    with store.transaction(write=True) as txn:
+        ms.create_snapshot(txn, Kind.ACTIVE, "a", labels={"x": "1"})
+        ms.create_snapshot(txn, Kind.ACTIVE, "b")
+    with store.transaction() as txn:
+        walked: list[Info] = []
+        ms.walk_info(txn, walked.append)
+        infos = [*walked, ms.get_info(txn, "a")[1], *ms.children(txn, "")]
+    for info in infos:
+        with pytest.raises(TypeError):
+            info.labels["x"] = "changed"  # type: ignore[index]
+        with pytest.raises(AttributeError):
+            info.labels.clear()  # type: ignore[attr-defined]
+        copy = dict(info.labels)  # what a caller that wants to change them does
+        copy["x"] = "changed"
+    with store.transaction() as txn:
+        assert ms.get_info(txn, "a")[1].labels == {"x": "1"}
+        assert ms.get_info(txn, "b")[1].labels == {}
