@@ -11,6 +11,9 @@ What a proxy snapshotter plugin must answer (SPEC §6.3), the way containerd's
   as non-nullable), at nanosecond precision;
 * ``List`` sends the matches in messages of exactly :data:`LIST_BATCH` infos,
   then the remainder, and no message at all when nothing matches;
+* an ``Info``'s labels go out sorted by key, as gogo's marshaller writes
+  them (upb alone would order a map by a hash seeded per process); Stat,
+  Update and List send Infos encoded once and memoized (:class:`InfoWire`);
 * ``Cleanup`` without a backend ``cleanup`` is UNIMPLEMENTED
   ``snapshotter does not implement Cleanup method: not implemented``.
 
