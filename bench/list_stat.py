@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import sys
 import tempfile
@@ -27,8 +28,6 @@ from bench.workloads import walk_count
 from overlay.client import RemoteSnapshotter
 from overlay.snapshots import Info
 
-LISTS_PER_ROUND = 10
-STATS_PER_ROUND = 500
 
 
 def _labels(i: int, count: int) -> dict[str, str] | None:
@@ -48,13 +47,15 @@ def _populate(sn: RemoteSnapshotter, n: int, labels: int) -> list[str]:
     return names
 
 
-def _measure(pid: int, op: Callable[[], object], times: int) -> tuple[float, float]:
-    """(server CPU seconds, client wall seconds) per call of ``op``."""
-    cpu0, t0 = cpu_seconds(pid), time.perf_counter()
+def _measure(pid: int, op: Callable[[], object], times: int) -> tuple[float, float, float]:
+    """(server CPU, client CPU, client wall) seconds per call of ``op``."""
+    me = os.getpid()
+    cpu0, mine0, t0 = cpu_seconds(pid), cpu_seconds(me), time.perf_counter()
     for _ in range(times):
         op()
-    wall, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
-    return cpu / times, wall / times
+    wall, cpu, mine = (time.perf_counter() - t0, cpu_seconds(pid) - cpu0,
+                       cpu_seconds(me) - mine0)
+    return cpu / times, mine / times, wall / times
 
 
 @contextlib.contextmanager
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--snapshots", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--labels", type=int, default=0)
+    ap.add_argument("--lists", type=int, default=10, help="Lists per round")
+    ap.add_argument("--stats", type=int, default=500, help="Stats per round")
     ap.add_argument("--dir", default=None, help="work directory (default: a new one in /tmp)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="ovl-liststat-", dir=args.dir) as tmp, \
@@ -85,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             names[name] = _populate(client, args.snapshots, args.labels)
             assert walk_count(client) == args.snapshots
         results: dict[str, dict[str, list[float]]] = {
-            name: {"list_cpu": [], "list_wall": [], "stat_cpu": [], "stat_wall": []}
+            name: {k: [] for k in ("list_cpu", "list_client", "list_wall", "stat_cpu",
+                                   "stat_client", "stat_wall")}
             for name in contenders
         }
         for _ in range(args.rounds):
@@ -97,26 +101,30 @@ def main(argv: list[str] | None = None) -> int:
                     infos.clear()
                     client.walk(infos.append)
 
-                cpu, wall = _measure(pid, list_all, LISTS_PER_ROUND)
+                cpu, mine, wall = _measure(pid, list_all, args.lists)
                 assert len(infos) == args.snapshots
                 results[name]["list_cpu"].append(cpu / args.snapshots)
+                results[name]["list_client"].append(mine / args.snapshots)
                 results[name]["list_wall"].append(wall)
-                keys = iter(names[name] * (STATS_PER_ROUND // len(names[name]) + 1))
+                keys = iter(names[name] * (args.stats // len(names[name]) + 1))
 
                 def stat(client: RemoteSnapshotter = client,
                          keys: Iterator[str] = keys) -> None:
                     client.stat(next(keys))
 
-                cpu, wall = _measure(pid, stat, STATS_PER_ROUND)
+                cpu, mine, wall = _measure(pid, stat, args.stats)
                 results[name]["stat_cpu"].append(cpu)
+                results[name]["stat_client"].append(mine)
                 results[name]["stat_wall"].append(wall)
     med = {n: {k: statistics.median(v) for k, v in r.items()} for n, r in results.items()}
     print(f"{args.snapshots} snapshots, {args.labels} labels each, {args.rounds} rounds "
-          f"({LISTS_PER_ROUND} Lists, {STATS_PER_ROUND} Stats each); medians")
+          f"({args.lists} Lists, {args.stats} Stats each); medians")
     print(f"{'':28}{'ovl':>12}{'go':>12}{'go/ovl':>9}")
     rows = (("List: server CPU / snapshot", "list_cpu", 1e6, "us"),
+            ("List: client CPU / snapshot", "list_client", 1e6, "us"),
             ("List: client wall / call", "list_wall", 1e3, "ms"),
             ("Stat: server CPU / call", "stat_cpu", 1e6, "us"),
+            ("Stat: client CPU / call", "stat_client", 1e6, "us"),
             ("Stat: client wall / call", "stat_wall", 1e6, "us"))
     for label, key, scale, unit in rows:
         ours, go = med["ovl"][key], med["go"][key]

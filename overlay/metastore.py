@@ -547,8 +547,7 @@ class MetaStore:
                 yield txn
             return
         ltxn, me = self._begin_read(env)
-        txn = Txn(env, ltxn, dbs, write=False, path=self._path,
-                  memo=self._memo)
+        txn = Txn(env, ltxn, dbs, write=False, path=self._path, memo=self._memo)
         try:
             yield txn
         finally:

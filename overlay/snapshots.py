@@ -109,7 +109,9 @@ class Info:
     """What ``stat`` and ``walk`` report about one snapshot.
 
     ``created_ns`` and ``updated_ns`` are nanoseconds since the Unix epoch;
-    they are equal on a snapshot that was never updated.
+    they are equal on a snapshot that was never updated.  ``labels`` may be
+    read-only (a backend may hand the same Info to every caller): copy it,
+    ``dict(info.labels)``, to change it.
     """
 
     kind: Kind
