@@ -29,7 +29,6 @@ from overlay.client import RemoteSnapshotter
 from overlay.snapshots import Info
 
 
-
 def _labels(i: int, count: int) -> dict[str, str] | None:
     if not count:
         return None
