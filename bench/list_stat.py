@@ -8,7 +8,10 @@ runs ``R`` rounds alternating between the two, each round a batch of Lists
 and a batch of Stats through the same Python client.  Per round it reads
 the server's CPU time (every thread, ``/proc/<pid>/task/*/schedstat``) and
 the client's wall clock; it prints the medians and the ratios (> 1: ours
-costs less).  Measured, never asserted: the machine may be shared.
+costs less).  ``--baseline SOURCE`` adds a third contender, the daemon run
+from another source tree (``git archive main | tar -x -C SOURCE``, with the
+built ``overlay/_ovl*.so`` copied in): before and after in one run.
+Measured, never asserted: the machine may be shared.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import contextlib
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +31,8 @@ from bench.services import cpu_seconds, go_proxy, ovl_daemon
 from bench.workloads import walk_count
 from overlay.client import RemoteSnapshotter
 from overlay.snapshots import Info
+from tests.helpers import wait_for_socket
+from tests.integration.containerd_env import _stop
 
 
 def _labels(i: int, count: int) -> dict[str, str] | None:
@@ -58,16 +64,43 @@ def _measure(pid: int, op: Callable[[], object], times: int) -> tuple[float, flo
 
 
 @contextlib.contextmanager
-def _contenders(workdir: Path) -> Iterator[dict[str, tuple[int, RemoteSnapshotter]]]:
+def _baseline(workdir: Path, source: Path, sock: Path) -> Iterator[int]:
+    """``ovl serve`` run from another source tree on ``sock``; its pid."""
+    env = {**os.environ, "PYTHONPATH": str(source)}
+    with open(workdir / "daemon.log", "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "overlay.cli", "serve", "--root", str(workdir / "root"),
+             "--address", str(sock), "--log-level", "info"],
+            cwd=source, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for_socket(sock, process, "ovl serve (baseline)")
+        yield process.pid
+    finally:
+        _stop(process, timeout=60)
+
+
+@contextlib.contextmanager
+def _contenders(workdir: Path, baseline: Path | None
+                ) -> Iterator[dict[str, tuple[int, RemoteSnapshotter]]]:
     with contextlib.ExitStack() as stack:
-        (workdir / "ovl").mkdir()
-        (workdir / "go").mkdir()
+        servers: dict[str, tuple[int, Path]] = {}
+        for name in ("ovl", "go"):
+            (workdir / name).mkdir()
         ours = stack.enter_context(ovl_daemon(workdir / "ovl"))
+        servers["ovl"] = ours.process.pid, ours.sock
         go = stack.enter_context(go_proxy(workdir / "go"))
+        servers["go"] = go.process.pid, go.sock
+        if baseline is not None:
+            (workdir / "base").mkdir()
+            # the socket in a short directory: sun_path holds 107 bytes
+            sock = Path(stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="ovl-base-", dir="/tmp"))) / "ovl.sock"
+            pid = stack.enter_context(_baseline(workdir / "base", baseline.resolve(), sock))
+            servers["base"] = pid, sock
         out = {}
-        for name, proc in (("ovl", ours), ("go", go)):
-            client = stack.enter_context(RemoteSnapshotter(str(proc.sock), timeout=120))
-            out[name] = (proc.process.pid, client)
+        for name, (pid, sock) in servers.items():
+            client = stack.enter_context(RemoteSnapshotter(str(sock), timeout=120))
+            out[name] = (pid, client)
         yield out
 
 
@@ -79,9 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lists", type=int, default=10, help="Lists per round")
     ap.add_argument("--stats", type=int, default=500, help="Stats per round")
     ap.add_argument("--dir", default=None, help="work directory (default: a new one in /tmp)")
+    ap.add_argument("--baseline", type=Path, default=None, metavar="SOURCE",
+                    help="also measure a daemon run from another source tree (before/after)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="ovl-liststat-", dir=args.dir) as tmp, \
-            _contenders(Path(tmp)) as contenders:
+            _contenders(Path(tmp), args.baseline) as contenders:
         names: dict[str, list[str]] = {}
         for name, (_, client) in contenders.items():
             names[name] = _populate(client, args.snapshots, args.labels)
@@ -118,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     med = {n: {k: statistics.median(v) for k, v in r.items()} for n, r in results.items()}
     print(f"{args.snapshots} snapshots, {args.labels} labels each, {args.rounds} rounds "
           f"({args.lists} Lists, {args.stats} Stats each); medians")
-    print(f"{'':28}{'ovl':>12}{'go':>12}{'go/ovl':>9}")
+    base = "base" in med
+    head = f"{'':28}{'ovl':>12}{'go':>12}{'go/ovl':>9}"
+    print(head + (f"{'baseline':>12}{'base/ovl':>10}" if base else ""))
     rows = (("List: server CPU / snapshot", "list_cpu", 1e6, "us"),
             ("List: client CPU / snapshot", "list_client", 1e6, "us"),
             ("List: client wall / call", "list_wall", 1e3, "ms"),
@@ -127,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
             ("Stat: client wall / call", "stat_wall", 1e6, "us"))
     for label, key, scale, unit in rows:
         ours, go = med["ovl"][key], med["go"][key]
-        print(f"{label:28}{ours * scale:>9.2f} {unit}{go * scale:>9.2f} {unit}{go / ours:>8.2f}x")
+        line = f"{label:28}{ours * scale:>9.2f} {unit}{go * scale:>9.2f} {unit}{go / ours:>8.2f}x"
+        if base:
+            before = med["base"][key]
+            line += f"{before * scale:>9.2f} {unit}{before / ours:>9.2f}x"
+        print(line)
     return 0
 
 
