@@ -43,11 +43,12 @@ Dispatch = Callable[[GrpcCall], Reply]
 _PREFIX = struct.Struct(">BI")
 
 
-def frame(messages: Iterable[Message]) -> bytes:
-    """Messages as a gRPC body: each with its uncompressed-flag and length prefix."""
+def frame(messages: Iterable[Message | bytes]) -> bytes:
+    """Messages (or their serialized bytes) as a gRPC body: each with its
+    uncompressed-flag and length prefix."""
     parts = []
     for message in messages:
-        data = message.SerializeToString()
+        data = message if isinstance(message, bytes) else message.SerializeToString()
         parts.append(_PREFIX.pack(0, len(data)))
         parts.append(data)
     return b"".join(parts)

@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final, TypeVar
 
 import grpc
 from google.protobuf import empty_pb2
@@ -186,19 +186,6 @@ def info_from_proto(msg: pb.Info) -> Info:
         created_ns=ns_from_timestamp(msg.created_at),
         updated_ns=ns_from_timestamp(msg.updated_at),
     )
-
-
-class _Encoded:
-    """A response already serialized: all :func:`~overlay.server.rpc.frame`
-    asks of a message."""
-
-    __slots__ = ("_data",)
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-
-    def SerializeToString(self) -> bytes:  # noqa: N802 (protobuf's name)
-        return self._data
 
 
 class InfoWire:
@@ -373,22 +360,22 @@ class SnapshotsServicer:
         self.backend.remove(request.key)
         return empty_pb2.Empty()
 
-    def Stat(self, request: pb.StatSnapshotRequest) -> _Encoded:  # noqa: N802
+    def Stat(self, request: pb.StatSnapshotRequest) -> bytes:  # noqa: N802
         """A ``StatSnapshotResponse``, serialized."""
-        return _Encoded(self._wire.encode(self.backend.stat(request.key)))
+        return self._wire.encode(self.backend.stat(request.key))
 
-    def Update(self, request: pb.UpdateSnapshotRequest) -> _Encoded:  # noqa: N802
+    def Update(self, request: pb.UpdateSnapshotRequest) -> bytes:  # noqa: N802
         """An ``UpdateSnapshotResponse``, serialized."""
         info = info_from_proto(request.info)
         updated = self.backend.update(info, *request.update_mask.paths)
-        return _Encoded(self._wire.encode(updated))
+        return self._wire.encode(updated)
 
-    def List(self, request: pb.ListSnapshotsRequest) -> list[_Encoded]:  # noqa: N802
+    def List(self, request: pb.ListSnapshotsRequest) -> list[bytes]:  # noqa: N802
         """The ``ListSnapshotsResponse`` messages, serialized: LIST_BATCH infos each."""
         infos: list[Info] = []
         self.backend.walk(infos.append, *request.filters)
         wire = self._wire.encode_all(infos)
-        return [_Encoded(b"".join(wire[i : i + LIST_BATCH]))
+        return [b"".join(wire[i : i + LIST_BATCH])
                 for i in range(0, len(wire), LIST_BATCH)]
 
     def Usage(self, request: pb.UsageRequest) -> pb.UsageResponse:  # noqa: N802
@@ -415,7 +402,7 @@ Observer = Callable[[str, str, float], None]
 class _Method:
     name: str
     request_type: type[Message]
-    fn: Callable[[Any], Message | _Encoded | list[Any]]
+    fn: Callable[[Any], Message | bytes | list[Any]]
 
 
 def _parse(request_type: type[_Req], data: bytes) -> _Req:
@@ -485,9 +472,7 @@ class SnapshotsService:
         try:
             with _headers(call.metadata):
                 response = method.fn(_parse(method.request_type, call.message))
-            replies = response if isinstance(response, list) else [response]
-            # (frame asks nothing of a message but SerializeToString)
-            body = frame(cast("list[Message]", replies))
+            body = frame(response if isinstance(response, list) else (response,))
             code, message = grpc.StatusCode.OK, ""
         except Exception as exc:  # every exception is answered by the table
             code, message = to_status(exc)
