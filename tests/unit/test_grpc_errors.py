@@ -89,21 +89,14 @@ def test_every_domain_error_has_a_code() -> None:
         assert code_for(cls) is C[cls.grpc_code], name
 
 
-def test_unsupported_is_failed_precondition_and_comes_back_as_such() -> None:
-    exc = UnsupportedError("the kernel lacks lowerdir+")
-    code, message = to_status(exc)
+@pytest.mark.parametrize(("kind", "text"), [
+    (UnsupportedError, "the kernel lacks lowerdir+"),
+    (ReadOnlyError, "root '/r' is on a read-only filesystem"),
+], ids=["unsupported", "read-only"])
+def test_failed_precondition_kinds_come_back_as_such(kind: type[OverlayError], text: str) -> None:
+    code, message = to_status(kind(text))
     assert code is C.FAILED_PRECONDITION
-    assert message == "the kernel lacks lowerdir+: failed precondition"
-    back = from_status(code, message)
-    assert type(back) is FailedPreconditionError
-    assert str(back) == message
-
-
-def test_read_only_is_failed_precondition_and_comes_back_as_such() -> None:
-    exc = ReadOnlyError("root '/r' is on a read-only filesystem")
-    code, message = to_status(exc)
-    assert code is C.FAILED_PRECONDITION
-    assert message == "root '/r' is on a read-only filesystem: failed precondition"
+    assert message == f"{text}: failed precondition"
     back = from_status(code, message)
     assert type(back) is FailedPreconditionError
     assert str(back) == message
